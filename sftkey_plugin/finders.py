@@ -1,0 +1,262 @@
+"""Built-in key-span finders and the ``find_key_spans`` entry point.
+
+Every finder returns the character spans ``[(start, end), ...]`` of the key answer in a completion, ``[]`` when
+there is none. Spans include the answer's marker (``</Thinking>``'s answer block, ``####``, ``\\boxed{}``,
+"The answer is"), so the tokens that announce the answer are trained with it.
+
+``auto`` tries, in this order, and keeps the first finder that finds something:
+``regex`` (only when a ``pattern`` option is given), ``field`` (only when an ``answer_field`` option is given),
+``tags``, ``think``, ``gsm8k``, ``boxed``, ``answer_is``. It never falls back to "the last number": an example
+without a recognisable answer has no key span (see ``sftkey_on_missing``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .hookspecs import Finder, Span, get_finder, hookimpl, registered_finders
+
+AUTO_ORDER = ("regex", "field", "tags", "think", "gsm8k", "boxed", "answer_is")
+# auto only tries these when the user gave the option they cannot work without
+_AUTO_NEEDS_OPTION = {"regex": "pattern", "field": "answer_field"}
+
+
+def _after_last(text: str, marker: str) -> list[Span]:
+    """The span from right after the last ``marker`` to the end, if anything but whitespace is there."""
+    index = text.rfind(marker)
+    if index < 0:
+        return []
+    start = index + len(marker)
+    return [(start, len(text))] if text[start:].strip() else []
+
+
+def tags(
+    text: str,
+    *,
+    example: Mapping[str, Any] | None = None,
+    thinking_close: str = "</Thinking>",
+    answer_open: str = "<Answer>",
+) -> list[Span]:
+    """The paper's format: everything after the last ``</Thinking>`` (or, without it, from the last ``<Answer>``)."""
+    if thinking_close in text:
+        return _after_last(text, thinking_close)
+    index = text.rfind(answer_open)
+    return [(index, len(text))] if index >= 0 else []
+
+
+def think(text: str, *, example: Mapping[str, Any] | None = None, think_close: str = "</think>") -> list[Span]:
+    """Reasoning models: everything after the last ``</think>``."""
+    return _after_last(text, think_close)
+
+
+_NUMBER_START = r"[-+]?\$?\s*[0-9.,]*[0-9]"
+_GSM8K_LINE = re.compile(r"(?<!#)####(?!#)[ \t]*(?P<answer>[^\n]*\S)")
+
+
+def gsm8k(text: str, *, example: Mapping[str, Any] | None = None, gsm8k_numeric: bool = True) -> list[Span]:
+    """The last ``#### N`` (marker to end of line); by default N must start with a number, so headings never match."""
+    number = re.compile(_NUMBER_START)
+    for match in reversed(list(_GSM8K_LINE.finditer(text))):
+        if not gsm8k_numeric or number.match(match.group("answer")):
+            return [(match.start(), match.end())]
+    return []
+
+
+def _balanced_end(text: str, open_index: int) -> int | None:
+    """Index just past the brace closing the one at ``open_index`` (escaped ``\\{``/``\\}`` ignored), or None."""
+    depth = 0
+    index = open_index
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    return None
+
+
+def boxed(
+    text: str,
+    *,
+    example: Mapping[str, Any] | None = None,
+    boxed_commands: Sequence[str] = ("\\boxed", "\\fbox"),
+) -> list[Span]:
+    """The last balanced ``\\boxed{...}`` (nested braces allowed; also ``\\fbox{}`` and ``\\boxed 5``)."""
+    pattern = re.compile("(?:" + "|".join(re.escape(c) for c in boxed_commands) + r")(?![A-Za-z])")
+    for match in reversed(list(pattern.finditer(text))):
+        rest = match.end()
+        if text.startswith("{", rest):
+            end = _balanced_end(text, rest)
+            if end is not None:
+                return [(match.start(), end)]
+        else:
+            bare = re.compile(r" +([^\s$]+)").match(text, rest)
+            if bare:
+                return [(match.start(), bare.end())]
+    return []
+
+
+_ANSWER_IS = re.compile(
+    r"(?im)(?:\bfinal answer:\s*)?\b(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*"
+    r"(?:\$[^$\n]+\$|\([A-Za-z0-9]\)|\S[^\n]*?)(?=\.?[ \t]*$|\.\s|,\s)"
+)
+
+
+def answer_is(text: str, *, example: Mapping[str, Any] | None = None) -> list[Span]:
+    """The last "The answer is (B)" / "Final Answer: The final answer is $X$" phrase, up to the answer's end."""
+    matches = list(_ANSWER_IS.finditer(text))
+    return [(matches[-1].start(), matches[-1].end())] if matches else []
+
+
+def regex(
+    text: str,
+    *,
+    example: Mapping[str, Any] | None = None,
+    pattern: str | None = None,
+    regex_match: str = "last",
+) -> list[Span]:
+    """A user pattern with a named group ``key``; ``regex_match`` = ``last`` (default), ``first`` or ``all``."""
+    if not pattern:
+        raise ValueError("The 'regex' finder needs the option 'pattern' (a regular expression with a group 'key').")
+    compiled = _compile_key_pattern(pattern)
+    spans = [match.span("key") for match in compiled.finditer(text) if match.start("key") < match.end("key")]
+    if regex_match == "all" or not spans:
+        return spans
+    if regex_match not in ("first", "last"):
+        raise ValueError(f"regex_match must be 'first', 'last' or 'all', not {regex_match!r}.")
+    return [spans[0] if regex_match == "first" else spans[-1]]
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_key_pattern(pattern: str) -> re.Pattern[str]:
+    compiled = re.compile(pattern)
+    if "key" not in compiled.groupindex:
+        raise ValueError(f"The regex finder's pattern {pattern!r} has no named group 'key', as in (?P<key>...).")
+    return compiled
+
+
+def field(
+    text: str,
+    *,
+    example: Mapping[str, Any] | None = None,
+    answer_field: str = "answer",
+) -> list[Span]:
+    """Data with a separate answer field: the last occurrence of that field's text in the completion."""
+    if example is None or answer_field not in example:
+        raise ValueError(
+            f"The 'field' finder needs each record to have the answer field {answer_field!r} "
+            "(set it with sftkey_finder_options: {answer_field: ...})."
+        )
+    answer = str(example[answer_field]).strip()
+    index = text.rfind(answer) if answer else -1
+    return [(index, index + len(answer))] if index >= 0 else []
+
+
+BUILTIN_FINDERS: dict[str, Finder] = {
+    "tags": tags,
+    "think": think,
+    "gsm8k": gsm8k,
+    "boxed": boxed,
+    "answer_is": answer_is,
+    "regex": regex,
+    "field": field,
+}
+
+
+@hookimpl
+def sftkey_finders() -> Mapping[str, Finder]:
+    """The built-in finders, registered through the ``sftkey_plugin.finders`` entry point like any other."""
+    return BUILTIN_FINDERS
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_options(finder: Finder) -> frozenset[str] | None:
+    """Keyword options a finder takes (None: it takes any, through ``**kwargs``)."""
+    parameters = inspect.signature(finder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY) - {"example"}
+
+
+def _finder_chain(finder: str, options: Mapping[str, Any]) -> list[str]:
+    if finder != "auto":
+        return [finder]
+    order = options.get("auto_order", AUTO_ORDER)
+    return [name for name in order if name not in _AUTO_NEEDS_OPTION or _AUTO_NEEDS_OPTION[name] in options]
+
+
+def validate_finder_options(finder: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for an unknown finder or an option that none of the finders in play accepts."""
+    chain = _finder_chain(finder, options)
+    accepted: set[str] = {"auto_order"} if finder == "auto" else set()
+    for name in chain:
+        names = _accepted_options(get_finder(name))
+        if names is None:
+            return
+        accepted |= names
+    if finder == "auto":
+        # auto may use regex/field once their option is present, so their options are valid too
+        for name in _AUTO_NEEDS_OPTION:
+            accepted |= _accepted_options(get_finder(name)) or set()
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"sftkey_finder_options {unknown} are not options of finder {finder!r}; it accepts {sorted(accepted)}."
+        )
+
+
+def _normalise(spans: Iterable[Span], length: int, name: str) -> list[Span]:
+    """Sorted, merged, non-empty spans inside the text; a finder returning nonsense is a bug, so it raises."""
+    cleaned = []
+    for start, end in spans:
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= length):
+            raise ValueError(f"Finder {name!r} returned span {(start, end)!r} outside a text of length {length}.")
+        if start < end:
+            cleaned.append((start, end))
+    merged: list[Span] = []
+    for start, end in sorted(cleaned):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def match_key_spans(
+    text: str,
+    finder: str = "auto",
+    example: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[str | None, list[Span]]:
+    """The key spans and the name of the finder that produced them (``None`` and ``[]`` when none did)."""
+    options = dict(options or {})
+    for name in _finder_chain(finder, options):
+        impl = get_finder(name)
+        accepted = _accepted_options(impl)
+        kwargs = options if accepted is None else {k: v for k, v in options.items() if k in accepted}
+        spans = _normalise(impl(text, example=example, **kwargs), len(text), name)
+        if spans:
+            return name, spans
+    return None, []
+
+
+def find_key_spans(
+    text: str, finder: str = "auto", *, example: Mapping[str, Any] | None = None, **options: Any
+) -> list[Span]:
+    """Character spans ``[(start, end), ...]`` of the key answer in a completion text; ``[]`` when there is none."""
+    return match_key_spans(text, finder, example, options)[1]
+
+
+def finder_names() -> list[str]:
+    """Every usable ``sftkey_finder`` value: ``auto`` and the registered finders."""
+    return ["auto", *sorted(registered_finders())]

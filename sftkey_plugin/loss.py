@@ -1,0 +1,101 @@
+"""Loss pieces on per-token tensors, independent of any trainer.
+
+Conventions: ``key_mask`` is aligned with ``input_ids``/``labels`` (shape ``(B, S)``); per-token losses are aligned
+with the *shifted* labels ``labels[:, 1:]`` (shape ``(B, S-1)``), as causal-LM losses are.
+
+Normalisation: every mode divides by the number of loss tokens of the whole optimizer step (transformers'
+``num_items_in_batch``: all gradient-accumulation micro-batches, all processes). In stage 2 and ``key_only`` the
+loss tokens *are* the key tokens, so the loss is the mean NLL of the key tokens. In ``weighted`` mode the loss is
+``sum(w_t * nll_t) / n_loss_tokens``: the denominator is the token count, not the weight sum, so 1.0/1.0 is plain
+SFT bit for bit and a larger key weight gives the key tokens a larger share of the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+METRIC_PREFIX = "sftkey/"
+
+
+def mask_labels_to_key(labels: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Labels with every non-key token set to ``-100``: the stage-2 / ``key_only`` objective."""
+    return labels.masked_fill(key_mask.to(labels.device) == 0, IGNORE_INDEX)
+
+
+def shifted(key_mask: torch.Tensor) -> torch.Tensor:
+    """The key mask aligned with next-token losses (``labels[:, 1:]``)."""
+    return key_mask[..., 1:]
+
+
+def weighted_correction(
+    per_token_loss: torch.Tensor, shifted_key_mask: torch.Tensor, key_weight: float, other_weight: float
+) -> torch.Tensor:
+    """``sum((w - 1) * loss)``: added to the plain summed loss it gives ``sum(w * loss)``.
+
+    ``per_token_loss`` is zero where the label is ignored, so only trained tokens contribute.
+    """
+    mask = shifted_key_mask.to(per_token_loss.device, per_token_loss.dtype)
+    excess = (other_weight - 1.0) + (key_weight - other_weight) * mask
+    return (excess * per_token_loss).sum()
+
+
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored, computed in float32 chunks of rows."""
+    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    pieces = [
+        torch.nn.functional.cross_entropy(
+            flat_logits[i : i + chunk_size].float(),
+            flat_labels[i : i + chunk_size],
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        for i in range(0, flat_labels.numel(), chunk_size)
+    ]
+    nll = torch.cat(pieces) if pieces else flat_logits.new_zeros(0, dtype=torch.float32)
+    return nll.view(labels.size(0), -1)
+
+
+def is_top1_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each next-token label is the model's most likely token."""
+    return logits[:, :-1].argmax(dim=-1) == labels[:, 1:].to(logits.device)
+
+
+def key_metric_sums(
+    nll: torch.Tensor,
+    is_top1: torch.Tensor | None,
+    scored: torch.Tensor,
+    completion: torch.Tensor,
+    shifted_key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sums to reduce across micro-batches and processes before dividing.
+
+    ``scored``: tokens in this step's loss; ``completion``: tokens trained in stage 1 (both aligned with ``nll``).
+    Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens]``.
+    """
+    nll = nll.detach().float()
+    scored = scored.to(nll.device).bool()
+    completion = completion.to(nll.device).bool()
+    key = shifted_key_mask.to(nll.device).bool() & completion
+    key_scored = key & scored
+    other_scored = scored & ~key
+    right = is_top1.to(nll.device).bool() & key_scored if is_top1 is not None else torch.zeros_like(key)
+    counts = [key_scored, right, other_scored, key, completion]
+    k, r, o, kt, ct = (x.sum().float() for x in counts)
+    return torch.stack([nll[key_scored].sum(), k, r, nll[other_scored].sum(), o, kt, ct])
+
+
+def metrics_from_sums(sums: torch.Tensor, stage: int, with_accuracy: bool = True) -> dict[str, float]:
+    """The ``sftkey/*`` metrics; a loss is left out when no token of its kind was scored, rather than logged as 0."""
+    key_nll, key_scored, key_right, other_nll, other_scored, key_tokens, completion_tokens = sums.tolist()
+    metrics = {f"{METRIC_PREFIX}stage": float(stage)}
+    if completion_tokens > 0:
+        metrics[f"{METRIC_PREFIX}key_fraction"] = key_tokens / completion_tokens
+    if key_scored > 0:
+        metrics[f"{METRIC_PREFIX}key_loss"] = key_nll / key_scored
+        if with_accuracy:
+            metrics[f"{METRIC_PREFIX}key_token_accuracy"] = key_right / key_scored
+    if other_scored > 0:
+        metrics[f"{METRIC_PREFIX}reasoning_loss"] = other_nll / other_scored
+    return metrics

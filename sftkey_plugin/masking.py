@@ -1,0 +1,106 @@
+"""From character spans to a per-token key mask, through a fast tokenizer's offset mapping.
+
+A token is *key* when its characters overlap a key span (``edge_tokens="include"``, so a BPE token such as
+``" ####"`` or ``">\\n"`` that straddles the span edge counts) or lie wholly inside one (``"exclude"``).
+Zero-width tokens (special tokens a tokenizer adds with offsets ``(0, 0)``) are never key, except the EOS
+token that ends the answer when ``include_eos`` is set.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .finders import match_key_spans
+from .hookspecs import Span
+
+
+def spans_to_token_mask(
+    offsets: Sequence[Sequence[int]], spans: Sequence[Span], edge_tokens: str = "include"
+) -> list[int]:
+    """1 for each token (given by its ``(start, end)`` character offsets) that belongs to a key span, else 0."""
+    starts = [start for start, _ in spans]
+    mask = []
+    for token_start, token_end in offsets:
+        index = bisect.bisect_left(starts, token_end) - 1  # the last span starting before the token ends
+        is_key = False
+        if token_end > token_start and index >= 0:
+            span_start, span_end = spans[index]
+            if edge_tokens == "include":
+                is_key = token_start < span_end
+            else:
+                is_key = token_start >= span_start and token_end <= span_end
+        mask.append(int(is_key))
+    return mask
+
+
+def extend_mask_to_eos(
+    mask: list[int],
+    input_ids: Sequence[int],
+    offsets: Sequence[Sequence[int]],
+    text: str,
+    eos_token_ids: Collection[int],
+) -> list[int]:
+    """Mark the EOS token that ends the answer (and any whitespace-only tokens before it) as key."""
+    if 1 not in mask:
+        return mask
+    last = len(mask) - 1 - mask[::-1].index(1)
+    for index in range(last + 1, len(mask)):
+        if input_ids[index] in eos_token_ids:
+            return [*mask[: last + 1], *([1] * (index - last)), *mask[index + 1 :]]
+        start, end = offsets[index]
+        if text[start:end].strip():
+            break
+    return mask
+
+
+@dataclass
+class KeyMask:
+    """A key mask for one tokenised example and how it was found."""
+
+    mask: list[int]
+    finder: str | None  # the finder that found the key (None: no key span)
+
+    @property
+    def found(self) -> bool:
+        return self.finder is not None
+
+
+def key_mask_for_completion(
+    *,
+    text: str,
+    input_ids: Sequence[int],
+    offsets: Sequence[Sequence[int]],
+    completion: str,
+    completion_start: int,
+    finder: str = "auto",
+    finder_options: Mapping[str, Any] | None = None,
+    example: Mapping[str, Any] | None = None,
+    edge_tokens: str = "include",
+    eos_token_ids: Collection[int] = (),
+) -> KeyMask:
+    """Find the key in ``completion`` (which sits at ``completion_start`` in the tokenised ``text``) and mark its tokens.
+
+    ``eos_token_ids`` empty means the EOS after the answer is not a key token.
+    """
+    if text[completion_start : completion_start + len(completion)] != completion:
+        raise ValueError("The completion does not sit at the given position of the tokenised text.")
+    name, spans = match_key_spans(completion, finder, example, finder_options)
+    shifted = [(start + completion_start, end + completion_start) for start, end in spans]
+    mask = spans_to_token_mask(offsets, shifted, edge_tokens)
+    if eos_token_ids:
+        mask = extend_mask_to_eos(mask, input_ids, offsets, text, eos_token_ids)
+    return KeyMask(mask=mask, finder=name)
+
+
+def truncation_slice(length: int, max_length: int | None, mode: str = "keep_start") -> slice:
+    """The part of a sequence of ``length`` tokens kept by truncation to ``max_length`` (TRL's two modes)."""
+    if max_length is None or length <= max_length:
+        return slice(None)
+    if mode == "keep_start":
+        return slice(None, max_length)
+    if mode == "keep_end":
+        return slice(-max_length, None)
+    raise ValueError(f"Unsupported truncation mode {mode!r}: expected 'keep_start' or 'keep_end'.")

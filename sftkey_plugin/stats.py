@@ -1,0 +1,72 @@
+"""Per-dataset counts of key marking, and the one readable log line made from them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Per-example status values written by the transform
+FOUND = "found"
+MISSING = "missing"  # no finder found a key span (or the template hid the content)
+CUT = "cut"  # a key span was found but truncation to max_length removed some of its tokens
+
+
+@dataclass
+class KeyDataStats:
+    """What key marking did to one dataset, before and after the ``sftkey_on_missing`` policy."""
+
+    name: str = "train"
+    examples: int = 0
+    found: int = 0
+    missing: int = 0
+    cut: int = 0
+    dropped: int = 0  # removed by sftkey_on_missing=drop
+    emptied: int = 0  # dropped because truncation left no trained token (TRL's own rule, counted here too)
+    kept_without_key: int = 0  # sftkey_on_missing=keep: trained in stage 1 only
+    key_tokens: int = 0
+    completion_tokens: int = 0
+    by_finder: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def from_columns(
+        cls,
+        name: str,
+        statuses: Iterable[str],
+        finders: Iterable[str],
+        key_counts: Iterable[int],
+        completion_counts: Iterable[int],
+    ) -> KeyDataStats:
+        stats = cls(name=name)
+        for status, finder, keys, completion in zip(statuses, finders, key_counts, completion_counts):
+            stats.examples += 1
+            stats.found += status != MISSING
+            stats.missing += status == MISSING
+            stats.cut += status == CUT
+            stats.key_tokens += keys
+            stats.completion_tokens += completion
+            if finder:
+                stats.by_finder[finder] += 1
+        return stats
+
+    def summary_line(self) -> str:
+        """One line for the training log."""
+        share = 100.0 * self.found / self.examples if self.examples else 0.0
+        finders = ", ".join(f"{name} {count}" for name, count in self.by_finder.most_common())
+        per_example = self.examples or 1
+        key_share = 100.0 * self.key_tokens / self.completion_tokens if self.completion_tokens else 0.0
+        parts = [
+            f"SFTKey {self.name} data: {self.examples} examples, key span found in {self.found} ({share:.1f}%)"
+            + (f" [{finders}]" if finders else ""),
+            f"{self.missing} without a key span",
+            f"{self.cut} answers cut by max_length",
+            f"{self.dropped} dropped (sftkey_on_missing=drop)",
+            f"{self.kept_without_key} kept without key tokens",
+            f"{self.emptied} emptied by truncation",
+            f"{self.key_tokens / per_example:.1f} key of {self.completion_tokens / per_example:.1f} trained tokens per "
+            f"example ({key_share:.1f}%)",
+        ]
+        return "; ".join(parts)
+
+    def as_dict(self) -> Mapping[str, object]:
+        return {**self.__dict__, "by_finder": dict(self.by_finder)}

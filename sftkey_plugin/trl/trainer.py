@@ -1,0 +1,195 @@
+"""``SFTKeyMixin`` / ``SFTKeyTrainer``: TRL's ``SFTTrainer`` with the key mask carried from the dataset to the loss."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from trl import SFTTrainer
+from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
+
+from ..collator import SFTKEY_MASK, SFTKeyDataCollator
+from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
+from ..hf_trainer import SFTKeyLossMixin
+from ..loss import IGNORE_INDEX
+from ..masking import truncation_slice
+from ..stats import CUT, FOUND, MISSING, KeyDataStats
+from ..tokenize import MarkingOptions, require_fast_tokenizer, tokenize_with_key_mask
+
+logger = logging.getLogger("sftkey_plugin")
+
+_STAT_COLUMNS = ("sftkey_finder", "sftkey_status", "sftkey_key_tokens", "sftkey_completion_tokens")
+
+
+def _marking(arguments: SFTKeyArguments) -> MarkingOptions:
+    return MarkingOptions(
+        finder=arguments.sftkey_finder,
+        finder_options=dict(arguments.sftkey_finder_options or {}),
+        edge_tokens=arguments.sftkey_edge_tokens,
+        include_eos=arguments.sftkey_include_eos,
+    )
+
+
+def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, Any]:
+    """Truncate every per-token column together; count key and trained tokens; mark examples whose key was cut."""
+    trained = [int(label != IGNORE_INDEX) for label in example["labels"]]
+    mask = [m & t for m, t in zip(example[SFTKEY_MASK], trained)]
+    kept = mask[keep]
+    if not example["sftkey_finder"] or example["sftkey_finder"] == "not_located" or 1 not in mask:
+        status = MISSING
+    else:
+        status = CUT if sum(kept) < sum(mask) else FOUND
+    return {
+        "input_ids": example["input_ids"][keep],
+        "labels": example["labels"][keep],
+        SFTKEY_MASK: kept,
+        "sftkey_status": status,
+        "sftkey_key_tokens": sum(kept),
+        "sftkey_completion_tokens": sum(trained[keep]),
+    }
+
+
+class SFTKeyMixin(SFTKeyLossMixin):
+    """Mix into any ``trl.SFTTrainer`` subclass (``class MyTrainer(SFTKeyMixin, MySFTTrainer)``) to add SFTKey.
+
+    With ``args.sftkey`` false the trainer is the stock one: nothing is added to the data or the loss.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not getattr(self.args, "sftkey", False):
+            return
+        arguments = sftkey_arguments_from(self.args)
+        self._sftkey_reject_unsupported()
+        # Installed after __init__, where TRL also forbids a custom collator with padding-free (which we support)
+        self.data_collator = SFTKeyDataCollator(self.data_collator)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._sftkey_setup(arguments, base)
+        self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
+
+    def _sftkey_reject_unsupported(self) -> None:
+        """Settings SFTKey cannot honour: refuse them rather than train wrongly."""
+        config = self.accelerator.parallelism_config
+        if config is not None and (config.cp_enabled or getattr(config, "sp_enabled", False)):
+            raise ValueError("SFTKey does not support context or sequence parallelism: the key mask is not sharded.")
+        if self.compute_loss_func is not None:
+            raise ValueError("SFTKey computes the loss itself: remove compute_loss_func (or set sftkey=False).")
+        if getattr(self.args, "use_liger_kernel", False):
+            raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
+        if getattr(self.args, "label_smoothing_factor", 0.0):
+            raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        if getattr(self.args, "sftkey", False) and SFTKEY_MASK not in self._signature_columns:
+            self._signature_columns.append(SFTKEY_MASK)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):  # type: ignore[no-untyped-def]
+        if not getattr(args, "sftkey", False):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)  # type: ignore[misc]
+        arguments = sftkey_arguments_from(args)
+        validate_sftkey_arguments(arguments)
+        if not isinstance(dataset, Dataset):
+            raise ValueError("SFTKey needs a map-style datasets.Dataset (streaming/IterableDataset is not supported).")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        require_fast_tokenizer(tokenizer)
+        map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
+
+        if "input_ids" not in dataset.column_names:
+            dataset = self._sftkey_tokenize(dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs)
+        elif SFTKEY_MASK not in dataset.column_names:
+            raise ValueError(
+                f"SFTKey: the pre-tokenised {dataset_name} dataset has no {SFTKEY_MASK!r} column; pass raw records "
+                "(messages, prompt/completion or text) so SFTKey can mark the key tokens, or add the column yourself."
+            )
+        else:
+            dataset = dataset.map(lambda _: {"sftkey_finder": "pretokenized"}, **map_kwargs)
+
+        # TRL builds the labels from the masks (completion_only_loss, assistant_only_loss); truncation, packing and
+        # shuffling are done below so the key mask goes through them too.
+        plain = copy.copy(args)
+        plain.max_length, plain.shuffle_dataset = None, False
+        dataset = super()._prepare_dataset(dataset, processing_class, plain, False, None, dataset_name)  # type: ignore[misc]
+
+        truncates = args.max_length is not None and (not packing or args.packing_strategy == "bfd")
+        keep = truncation_slice(1 << 62, args.max_length if truncates else None, "keep_start" if packing else args.truncation_mode)
+        dataset = dataset.map(_truncate_and_classify, fn_kwargs={"keep": keep}, desc=f"SFTKey marking {dataset_name}", **map_kwargs)
+        dataset, stats = self._sftkey_apply_policy(dataset, arguments, dataset_name, map_kwargs)
+        self._sftkey_pending_stats = [*getattr(self, "_sftkey_pending_stats", []), stats]
+
+        if packing:
+            if args.max_length is None:
+                raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+            dataset = dataset.select_columns(["input_ids", "labels", SFTKEY_MASK])
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+        else:
+            dataset = dataset.remove_columns([c for c in _STAT_COLUMNS if c in dataset.column_names])
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _sftkey_tokenize(self, dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs):  # type: ignore[no-untyped-def]
+        """Raw records to ``input_ids`` + TRL's masks + ``sftkey_mask``, in one tokenisation with offsets."""
+        if formatting_func is not None:
+            dataset = dataset.map(lambda example: {args.dataset_text_field: formatting_func(example)}, **map_kwargs)
+        if is_conversational_from_value(dataset[0]):
+            dataset = dataset.map(maybe_convert_to_chatml, remove_columns=["conversations"], **map_kwargs)
+        return dataset.map(
+            tokenize_with_key_mask,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "marking": _marking(arguments),
+                "text_field": args.dataset_text_field,
+                "assistant_only_loss": args.assistant_only_loss,
+                "chat_template": self.chat_template,
+            },
+            remove_columns=dataset.column_names,
+            desc=f"SFTKey tokenizing {dataset_name}",
+            **map_kwargs,
+        )
+
+    @staticmethod
+    def _sftkey_apply_policy(
+        dataset: Dataset, arguments: SFTKeyArguments, dataset_name: str, map_kwargs: dict[str, Any]
+    ) -> tuple[Dataset, KeyDataStats]:
+        """Apply ``sftkey_on_missing`` (and TRL's rule that an example with no trained token left is dropped)."""
+        columns = dataset.select_columns(list(_STAT_COLUMNS)).to_dict()
+        stats = KeyDataStats.from_columns(
+            dataset_name,
+            columns["sftkey_status"],
+            columns["sftkey_finder"],
+            columns["sftkey_key_tokens"],
+            columns["sftkey_completion_tokens"],
+        )
+        bad = [i for i, status in enumerate(columns["sftkey_status"]) if status != FOUND]
+        policy = arguments.sftkey_on_missing
+        if bad and policy == "error":
+            raise ValueError(
+                f"SFTKey: {stats.missing} of {stats.examples} {dataset_name} examples have no key span and {stats.cut} "
+                f"had their answer cut by max_length (first: rows {bad[:5]}). Fix the data, choose another "
+                "sftkey_finder, or set sftkey_on_missing to 'drop' or 'keep'."
+            )
+        if bad and policy == "drop":
+            stats.dropped = len(bad)
+            dataset = dataset.filter(lambda status: status == FOUND, input_columns="sftkey_status", **map_kwargs)
+        elif stats.cut:
+            stats.kept_without_key = len(bad)
+            dataset = dataset.map(
+                lambda example: {SFTKEY_MASK: [0] * len(example[SFTKEY_MASK])} if example["sftkey_status"] == CUT else {},
+                **map_kwargs,
+            )
+        else:
+            stats.kept_without_key = len(bad)
+        before = len(dataset)
+        dataset = dataset.filter(lambda n: n > 0, input_columns="sftkey_completion_tokens", **map_kwargs)
+        stats.emptied = before - len(dataset)
+        return dataset, stats
+
+
+class SFTKeyTrainer(SFTKeyMixin, SFTTrainer):
+    """``trl.SFTTrainer`` with SFTKey: pass an ``SFTKeyConfig`` with ``sftkey=True``."""
