@@ -68,8 +68,10 @@ class SFTKeyCallback(TrainerCallback):
                     state.max_steps,
                 )
                 if schedule.stage2_start >= state.max_steps:
-                    logger.warning("SFTKey: stage 2 starts at step %d, after the last step: it never runs.",
-                                   schedule.stage2_start + 1)
+                    logger.warning(
+                        "SFTKey: stage 2 starts at step %d, after the last step: it never runs.",
+                        schedule.stage2_start + 1,
+                    )
         return control
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -80,6 +82,9 @@ class SFTKeyCallback(TrainerCallback):
             and state.global_step < state.max_steps
             and state.is_world_process_zero
         ):
-            logger.info("SFTKey: stage %d (key answer tokens only) from optimizer step %d.", STAGE_KEY_ONLY,
-                        state.global_step + 1)
+            logger.info(
+                "SFTKey: stage %d (key answer tokens only) from optimizer step %d.",
+                STAGE_KEY_ONLY,
+                state.global_step + 1,
+            )
         return control

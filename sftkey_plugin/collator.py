@@ -61,7 +61,7 @@ class SFTKeyDataCollator:
         if n_rows == 1:
             return [torch.cat(masks)]
         bounds = list(itertools.accumulate([0, *(len(group) for group in examples)]))
-        return [torch.cat(masks[start:end]) for start, end in zip(bounds, bounds[1:])]
+        return [torch.cat(masks[start:end]) for start, end in itertools.pairwise(bounds)]
 
     def _pad(self, mask: torch.Tensor, width: int) -> torch.Tensor:
         if mask.numel() > width:

@@ -73,7 +73,8 @@ class SFTKeyArguments:
         },
     )
     sftkey_include_eos: bool = field(
-        default=True, metadata={"help": "Whether the end-of-turn/EOS token right after the answer is a key token."}
+        default=True,
+        metadata={"help": "Whether the end-of-turn/EOS token right after the answer is a key token."},
     )
 
 

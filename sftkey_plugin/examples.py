@@ -36,7 +36,10 @@ def arithmetic_records(n: int, seed: int = 0, form: str = "messages", **kwargs: 
         response = tagged_response(reasoning, answer)
         if form == "messages":
             record: dict[str, Any] = {
-                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": response},
+                ]
             }
         elif form == "prompt_completion":
             record = {

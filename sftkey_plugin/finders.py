@@ -179,7 +179,7 @@ def sftkey_finders() -> Mapping[str, Finder]:
     return BUILTIN_FINDERS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted_options(finder: Finder) -> frozenset[str] | None:
     """Keyword options a finder takes (None: it takes any, through ``**kwargs``)."""
     parameters = inspect.signature(finder).parameters.values()

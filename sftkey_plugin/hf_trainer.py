@@ -13,7 +13,6 @@ Evaluation never masks: ``eval_loss`` stays the loss of every completion token, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -150,11 +149,12 @@ class SFTKeyLossMixin:
         self._sftkey_sums[mode] = self._sftkey_sums.get(mode, 0) + sums.cpu()
         self._sftkey_sums[f"{mode}_stage"] = torch.tensor(stage)
 
-    def log(self, logs: Mapping[str, float], *args: Any, **kwargs: Any) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._sftkey_sums.pop(mode, None)
         if sums is not None:
             stage = int(self._sftkey_sums.pop(f"{mode}_stage"))
             prefix = "eval_" if mode == "eval" else ""
-            logs = {**logs, **{prefix + k: v for k, v in metrics_from_sums(sums, stage).items()}}
+            # in place, as Trainer.evaluate returns the dict it logged
+            logs.update({prefix + k: v for k, v in metrics_from_sums(sums, stage).items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -58,7 +58,8 @@ def registered_finders() -> dict[str, Finder]:
     owners: dict[str, Any] = {}
     manager = get_plugin_manager()
     for impl in manager.hook.sftkey_finders.get_hookimpls():
-        for name, finder in impl.function().items():
+        offered = cast(Mapping[str, Finder], impl.function())
+        for name, finder in offered.items():
             if name in finders:
                 raise ValueError(
                     f"Key-span finder {name!r} is registered twice: by {owners[name]!r} and {impl.plugin_name!r}."

@@ -81,7 +81,7 @@ def key_mask_for_completion(
     edge_tokens: str = "include",
     eos_token_ids: Collection[int] = (),
 ) -> KeyMask:
-    """Find the key in ``completion`` (which sits at ``completion_start`` in the tokenised ``text``) and mark its tokens.
+    """Find the key in ``completion`` (at ``completion_start`` in the tokenised ``text``) and mark its tokens.
 
     ``eos_token_ids`` empty means the EOS after the answer is not a key token.
     """

@@ -46,7 +46,9 @@ def _last_assistant_content(messages: list[Mapping[str, Any]]) -> str:
             content = message.get("content")
             if isinstance(content, str):
                 return content
-            raise ValueError(f"SFTKey expects the assistant message content to be a string, not {type(content).__name__}.")
+            raise ValueError(
+                f"SFTKey expects the assistant message content to be a string, not {type(content).__name__}."
+            )
     raise ValueError("SFTKey found no assistant message in a conversational record: there is no answer to mark.")
 
 
@@ -96,7 +98,9 @@ def tokenize_with_key_mask(
     elif "prompt" in example and isinstance(example["prompt"], list):
         conversation = example["prompt"] + example["completion"]
         completion = _last_assistant_content(example["completion"])
-        prompt_text = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs)
+        prompt_text = tokenizer.apply_chat_template(
+            example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
     else:
         conversation = None
         if "prompt" in example:
@@ -104,7 +108,9 @@ def tokenize_with_key_mask(
         else:
             prompt_text, completion = None, example[text_field]
         if not isinstance(completion, str) or not isinstance(prompt_text or "", str):
-            raise ValueError(f"SFTKey expects string prompt/completion/{text_field} fields, got {type(completion).__name__}.")
+            raise ValueError(
+                f"SFTKey expects string prompt/completion/{text_field} fields, got {type(completion).__name__}."
+            )
 
     if conversation is not None:
         text = tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs)

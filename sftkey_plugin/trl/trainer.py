@@ -79,6 +79,11 @@ class SFTKeyMixin(SFTKeyLossMixin):
             raise ValueError("SFTKey computes the loss itself: remove compute_loss_func (or set sftkey=False).")
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
+        if self.args.sftkey_mode == "weighted" and self.args.loss_type == "chunked_nll":
+            raise ValueError(
+                "sftkey_mode='weighted' needs per-token losses, which trl's chunked_nll does not return: set "
+                "loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
+            )
         if getattr(self.args, "label_smoothing_factor", 0.0):
             raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
 
@@ -99,7 +104,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
 
         if "input_ids" not in dataset.column_names:
-            dataset = self._sftkey_tokenize(dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs)
+            dataset = self._sftkey_tokenize(
+                dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs
+            )
         elif SFTKEY_MASK not in dataset.column_names:
             raise ValueError(
                 f"SFTKey: the pre-tokenised {dataset_name} dataset has no {SFTKEY_MASK!r} column; pass raw records "
@@ -115,8 +122,15 @@ class SFTKeyMixin(SFTKeyLossMixin):
         dataset = super()._prepare_dataset(dataset, processing_class, plain, False, None, dataset_name)  # type: ignore[misc]
 
         truncates = args.max_length is not None and (not packing or args.packing_strategy == "bfd")
-        keep = truncation_slice(1 << 62, args.max_length if truncates else None, "keep_start" if packing else args.truncation_mode)
-        dataset = dataset.map(_truncate_and_classify, fn_kwargs={"keep": keep}, desc=f"SFTKey marking {dataset_name}", **map_kwargs)
+        keep = truncation_slice(
+            1 << 62, args.max_length if truncates else None, "keep_start" if packing else args.truncation_mode
+        )
+        dataset = dataset.map(
+            _truncate_and_classify,
+            fn_kwargs={"keep": keep},
+            desc=f"SFTKey marking {dataset_name}",
+            **map_kwargs,
+        )
         dataset, stats = self._sftkey_apply_policy(dataset, arguments, dataset_name, map_kwargs)
         self._sftkey_pending_stats = [*getattr(self, "_sftkey_pending_stats", []), stats]
 
@@ -180,7 +194,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
         elif stats.cut:
             stats.kept_without_key = len(bad)
             dataset = dataset.map(
-                lambda example: {SFTKEY_MASK: [0] * len(example[SFTKEY_MASK])} if example["sftkey_status"] == CUT else {},
+                lambda example: (
+                    {SFTKEY_MASK: [0] * len(example[SFTKEY_MASK])} if example["sftkey_status"] == CUT else {}
+                ),
                 **map_kwargs,
             )
         else:

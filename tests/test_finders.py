@@ -1,0 +1,146 @@
+"""Golden cases for every built-in finder, ``auto``'s order, option checks, and a third-party entry-point finder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sftkey_plugin import find_key_spans, finder_names, match_key_spans
+from sftkey_plugin.config import SFTKeyArguments, validate_sftkey_arguments
+
+
+def keys(text: str, finder: str = "auto", **options) -> list[str]:
+    return [text[start:end] for start, end in find_key_spans(text, finder, **options)]
+
+
+@pytest.mark.parametrize(
+    ("text", "finder", "expected"),
+    [
+        # tags: from right after the last </Thinking> to the end (newline, <Answer>, answer, </Answer>)
+        ("<Thinking>2+2=4</Thinking>\n<Answer>4</Answer>", "tags", ["\n<Answer>4</Answer>"]),
+        ("<Thinking>a</Thinking> b </Thinking><Answer>x</Answer>", "tags", ["<Answer>x</Answer>"]),
+        ("no closing tag <Answer>7</Answer>", "tags", ["<Answer>7</Answer>"]),
+        ("<Thinking>only reasoning</Thinking>  \n", "tags", []),
+        (
+            "<Thinking>π ≈ 3.14159</Thinking><Answer>π≈3.14 🙂</Answer>",
+            "tags",
+            ["<Answer>π≈3.14 🙂</Answer>"],
+        ),
+        # think: after the last </think>
+        ("<think>hmm</think>\n\nThe result is 5.", "think", ["\n\nThe result is 5."]),
+        ("<think>\n\n</think>\n\n42", "think", ["\n\n42"]),
+        ("<think>no close", "think", []),
+        # gsm8k: the last '#### N' line, marker included; several #### and a markdown heading
+        ("Janet has 3.\n#### 3", "gsm8k", ["#### 3"]),
+        ("first #### 1\nthen\n#### 1,000\n", "gsm8k", ["#### 1,000"]),
+        ("#### Step 1\nwork\n#### -7.5", "gsm8k", ["#### -7.5"]),
+        ("#### Heading only", "gsm8k", []),
+        ("##### 5", "gsm8k", []),
+        # boxed: the last balanced \boxed{...}, nested braces, escaped braces, \fbox, bare form
+        ("so \\boxed{1} and \\boxed{\\frac{1}{2}}.", "boxed", ["\\boxed{\\frac{1}{2}}"]),
+        ("\\boxed{\\{a\\}} end", "boxed", ["\\boxed{\\{a\\}}"]),
+        ("\\boxed{2} then \\boxed{3", "boxed", ["\\boxed{2}"]),
+        ("\\fbox{x^{2}}", "boxed", ["\\fbox{x^{2}}"]),
+        ("$\\boxed 5$", "boxed", ["\\boxed 5"]),
+        ("\\boxedx{1}", "boxed", []),
+        # answer_is: multiple choice, numbers with dots, Minerva
+        ("Blah. So the answer is (B).", "answer_is", ["the answer is (B)"]),
+        ("The answer is 3.5.", "answer_is", ["The answer is 3.5"]),
+        ("The answer is 2. Wait, the answer is 4", "answer_is", ["the answer is 4"]),
+        (
+            "Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.",
+            "answer_is",
+            ["Final Answer: The final answer is $\\frac{1}{2}$"],
+        ),
+        ("no answer here", "answer_is", []),
+    ],
+)
+def test_builtin_finders_golden(text, finder, expected):
+    assert keys(text, finder) == expected
+
+
+def test_regex_finder_uses_named_group_and_match_option():
+    text = "ans=1; ans=22; ans=333"
+    assert keys(text, "regex", pattern=r"ans=(?P<key>\d+)") == ["333"]
+    assert keys(text, "regex", pattern=r"ans=(?P<key>\d+)", regex_match="first") == ["1"]
+    assert keys(text, "regex", pattern=r"ans=(?P<key>\d+)", regex_match="all") == ["1", "22", "333"]
+    with pytest.raises(ValueError, match="named group 'key'"):
+        find_key_spans(text, "regex", pattern=r"ans=\d+")
+    with pytest.raises(ValueError, match="needs the option 'pattern'"):
+        find_key_spans(text, "regex")
+
+
+def test_field_finder_finds_the_answer_field_last_occurrence():
+    text = "3 apples and 4 pears make 7. Answer: 7"
+    assert find_key_spans(text, "field", example={"answer": " 7 "}) == [(len(text) - 1, len(text))]
+    assert find_key_spans(text, "field", example={"answer": "9"}) == []
+    with pytest.raises(ValueError, match="answer field 'final'"):
+        find_key_spans(text, "field", example={"answer": "7"}, answer_field="final")
+
+
+def test_auto_order_and_which_finder_matched():
+    assert match_key_spans("<Thinking>x #### 3</Thinking><Answer>3</Answer>")[0] == "tags"
+    assert match_key_spans("<think>a</think>\\boxed{1}")[0] == "think"
+    assert match_key_spans("x\n#### 3 and \\boxed{4}")[0] == "gsm8k"
+    assert match_key_spans("so \\boxed{4}. The answer is 4")[0] == "boxed"
+    assert match_key_spans("The answer is (C).")[0] == "answer_is"
+    assert match_key_spans("the last number is 12") == (None, [])
+    # regex joins auto only when given its pattern, and then goes first
+    assert match_key_spans("#### 3 KEY=9", "auto", None, {"pattern": r"KEY=(?P<key>\d)"}) == (
+        "regex",
+        [(11, 12)],
+    )
+    assert match_key_spans("#### 3", "auto", None, {"auto_order": ["boxed"]}) == (None, [])
+
+
+def test_options_are_checked_against_the_finders_in_play():
+    validate_sftkey_arguments(
+        SFTKeyArguments(sftkey=True, sftkey_finder="tags", sftkey_finder_options={"thinking_close": "</r>"})
+    )
+    with pytest.raises(ValueError, match="not options of finder 'gsm8k'"):
+        validate_sftkey_arguments(
+            SFTKeyArguments(sftkey=True, sftkey_finder="gsm8k", sftkey_finder_options={"thinking_close": "</r>"})
+        )
+    with pytest.raises(ValueError, match="Unknown sftkey_finder 'nope'"):
+        validate_sftkey_arguments(SFTKeyArguments(sftkey=True, sftkey_finder="nope"))
+    with pytest.raises(ValueError, match="sftkey_mode must be one of"):
+        validate_sftkey_arguments(SFTKeyArguments(sftkey=True, sftkey_mode="three_stage"))
+    assert {"auto", "tags", "think", "gsm8k", "boxed", "answer_is", "regex", "field"} <= set(finder_names())
+
+
+def test_third_party_finder_registered_through_an_entry_point(tmp_path):
+    """A separately 'installed' distribution (a dist-info on sys.path) adds a finder picked by name."""
+    (tmp_path / "shout_finder.py").write_text(
+        textwrap.dedent("""
+        from sftkey_plugin import hookimpl
+
+        def shout(text, *, example=None, marker="!!"):
+            start = text.find(marker)
+            return [(start, len(text))] if start >= 0 else []
+
+        @hookimpl
+        def sftkey_finders():
+            return {"shout": shout}
+    """)
+    )
+    dist = tmp_path / "shout_finder-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-finder\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[sftkey_plugin.finders]\nshout = shout_finder\n")
+    script = (
+        "from sftkey_plugin import find_key_spans, finder_names\n"
+        "print('shout' in finder_names(), find_key_spans('reason !!ANSWER', 'shout'),"
+        " find_key_spans('x ##B', 'shout', marker='##'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+        check=True,
+    )
+    assert result.stdout.strip() == "True [(7, 15)] [(2, 5)]"

@@ -1,0 +1,323 @@
+"""Real ``trl.SFTTrainer`` / ``SFTKeyTrainer`` runs on a tiny model: exactness, stages, resume, policies, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from packaging.version import Version
+
+from sftkey_plugin import SFTKeyCallback, SFTKeyConfig, SFTKeyTrainer
+from sftkey_plugin.examples import arithmetic_records
+
+# trl < 1.10 has no per-token fused head: its default chunked NLL gives totals only, so weighted mode (and the
+# key/reasoning split in stage 1) needs loss_type="nll" there
+FUSED_HEAD = Version(trl.__version__) >= Version("1.10")
+PER_TOKEN = {} if FUSED_HEAD else {"loss_type": "nll"}
+
+
+def config(out, **overrides) -> SFTKeyConfig:
+    values = dict(
+        output_dir=str(out),
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        seed=0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        max_length=128,
+    )
+    values.update(overrides)
+    if Version(trl.__version__) < Version("1.16"):
+        values.pop("train_sampling_strategy")  # the 1.9 stack has no such option; its sampler is set below
+    return SFTKeyConfig(**values)
+
+
+def trainer_for(tiny_dir, records, out, trainer_cls=SFTKeyTrainer, peft_config=None, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = config(out, **overrides)
+    kwargs = {"peft_config": peft_config} if peft_config is not None else {}
+    trainer = trainer_cls(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(tiny_dir),
+        **kwargs,
+    )
+    if Version(trl.__version__) < Version("1.16"):
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    return trainer
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def logged(trainer, key) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_weighted_one_one_is_stock_sft(tiny_dir, tmp_path, packing):
+    records = arithmetic_records(24, seed=1, form="prompt_completion")
+    common = dict(packing=packing, **PER_TOKEN)
+    stock = trainer_for(tiny_dir, records, tmp_path / "stock", trl.SFTTrainer, **common)
+    stock.train()
+    key = trainer_for(tiny_dir, records, tmp_path / "key", sftkey=True, sftkey_mode="weighted", **common)
+    key.train()
+    assert len(losses(stock)) == 3
+    assert losses(key) == pytest.approx(losses(stock), abs=1e-6)
+    for (name, p), q in zip(stock.model.named_parameters(), key.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def test_key_only_loss_is_mean_cross_entropy_over_key_tokens(tiny_dir, tmp_path):
+    records = arithmetic_records(8, seed=2, form="messages")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="key_only")
+    batch = first_batch(trainer)
+    trainer.model.train()
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    key = (batch["sftkey_mask"][:, 1:] == 1) & (batch["labels"][:, 1:] != -100)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:].clamp(min=0), reduction="none"
+    )
+    assert key.sum() >= 4 * 5  # every example of the batch has its answer block
+    assert float(loss) == pytest.approx(float(nll[key].mean()), abs=1e-5)
+
+
+def gradients_of_first_step(trainer) -> dict[str, torch.Tensor]:
+    grads: dict[str, torch.Tensor] = {}
+
+    class Grab(SFTKeyCallback.__mro__[1]):  # a plain TrainerCallback
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not grads:
+                grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.add_callback(Grab())
+    trainer.train()
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [("key_only", {}), ("weighted", {"sftkey_key_weight": 3.0, "sftkey_other_weight": 0.5})],
+)
+def test_gradient_accumulation_4x1_equals_1x4(tiny_dir, tmp_path, mode, extra):
+    records = arithmetic_records(8, seed=3, form="prompt_completion")
+    common = dict(sftkey=True, sftkey_mode=mode, max_steps=1, **extra, **PER_TOKEN)
+    big = gradients_of_first_step(
+        trainer_for(
+            tiny_dir,
+            records,
+            tmp_path / "a",
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            **common,
+        )
+    )
+    small = gradients_of_first_step(
+        trainer_for(
+            tiny_dir,
+            records,
+            tmp_path / "b",
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+            **common,
+        )
+    )
+    assert big.keys() == small.keys() and big
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("mode", ["key_only", "weighted", "two_stage"])
+def test_packing_on_and_off_give_the_same_loss(tiny_dir, tmp_path, mode):
+    records = arithmetic_records(8, seed=4, form="prompt_completion")
+    common = dict(sftkey=True, sftkey_mode=mode, sftkey_key_weight=2.0, max_steps=1, max_length=512, **PER_TOKEN)
+    unpacked = trainer_for(tiny_dir, records, tmp_path / "u", per_device_train_batch_size=8, **common)
+    unpacked.train()
+    packed = trainer_for(tiny_dir, records, tmp_path / "p", per_device_train_batch_size=1, packing=True, **common)
+    assert len(packed.train_dataset) == 1  # all 8 examples in one bin: the same tokens in one step
+    packed.train()
+    assert losses(packed) == pytest.approx(losses(unpacked), abs=1e-5)
+
+
+def test_two_stage_switches_at_the_configured_step_and_after_resume(tiny_dir, tmp_path):
+    records = arithmetic_records(48, seed=5, form="prompt_completion")
+    common = dict(sftkey=True, sftkey_mode="two_stage", sftkey_stage2_steps=3, max_steps=6)
+    full = trainer_for(tiny_dir, records, tmp_path / "full", **common)
+    full.train()
+    assert logged(full, "sftkey/stage") == [1, 1, 1, 2, 2, 2]
+    # stage 2's loss is the key tokens' loss
+    assert all(
+        h["loss"] == pytest.approx(h["sftkey/key_loss"], rel=1e-4)
+        for h in full.state.log_history
+        if h.get("sftkey/stage") == 2 and "sftkey/key_loss" in h
+    )
+
+    saved = trainer_for(tiny_dir, records, tmp_path / "run", save_strategy="steps", save_steps=2, **common)
+    saved.train()
+    resumed = trainer_for(tiny_dir, records, tmp_path / "run", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    # the history holds steps 1-2 from the checkpoint, then the resumed steps 3-6
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert logged(resumed, "sftkey/stage") == [1, 1, 1, 2, 2, 2]
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-5)
+
+
+def test_stage_by_ratio_and_by_epoch(tiny_dir, tmp_path):
+    records = arithmetic_records(16, seed=6, form="prompt_completion")
+    by_ratio = trainer_for(tiny_dir, records, tmp_path / "r", sftkey=True, sftkey_stage2_ratio=0.25, max_steps=4)
+    by_ratio.train()
+    assert logged(by_ratio, "sftkey/stage") == [1, 2, 2, 2]
+    by_epoch = trainer_for(
+        tiny_dir,
+        records,
+        tmp_path / "e",
+        sftkey=True,
+        sftkey_stage2_epoch=1,
+        max_steps=-1,
+        num_train_epochs=2,
+    )
+    by_epoch.train()
+    assert logged(by_epoch, "sftkey/stage") == [1, 1, 1, 1, 2, 2, 2, 2]
+
+
+def awkward_records() -> list[dict]:
+    good = arithmetic_records(6, seed=7, form="prompt_completion")
+    missing = [
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "Hello."}],
+        }
+        for _ in range(2)
+    ]
+    long = arithmetic_records(2, seed=8, form="prompt_completion", terms=12)  # answer beyond max_length
+    return good + missing + long
+
+
+def test_on_missing_keep_counts_and_trains_without_key_tokens(tiny_dir, tmp_path):
+    trainer = trainer_for(tiny_dir, awkward_records(), tmp_path, sftkey=True, sftkey_on_missing="keep", max_length=96)
+    stats = trainer.sftkey_callback.data_stats[0]
+    assert (stats.examples, stats.found, stats.missing, stats.cut, stats.kept_without_key, stats.dropped) == (
+        10,
+        8,
+        2,
+        2,
+        4,
+        0,
+    )
+    masks = trainer.train_dataset["sftkey_mask"]
+    assert len(masks) == 10 and sum(1 for m in masks if 1 not in m) == 4
+    assert all(len(m) <= 96 for m in masks)
+    assert "2 answers cut by max_length" in stats.summary_line()
+
+
+def test_on_missing_drop_and_error(tiny_dir, tmp_path):
+    trainer = trainer_for(tiny_dir, awkward_records(), tmp_path, sftkey=True, sftkey_on_missing="drop", max_length=96)
+    assert len(trainer.train_dataset) == 6 and trainer.sftkey_callback.data_stats[0].dropped == 4
+    with pytest.raises(ValueError, match="2 of 10 train examples have no key span and 2 had their answer cut"):
+        trainer_for(tiny_dir, awkward_records(), tmp_path, sftkey=True, sftkey_on_missing="error", max_length=96)
+
+
+def test_lora_with_packing_trains_and_logs_key_metrics(tiny_dir, tmp_path):
+    from peft import LoraConfig
+
+    records = arithmetic_records(32, seed=9, form="messages")
+    trainer = trainer_for(
+        tiny_dir,
+        records,
+        tmp_path,
+        sftkey=True,
+        sftkey_stage2_steps=2,
+        max_steps=4,
+        packing=True,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        **PER_TOKEN,
+    )
+    trainer.train()
+    assert logged(trainer, "sftkey/stage") == [1, 1, 2, 2]
+    assert all(math.isfinite(x) for x in losses(trainer))
+    assert all(0 < x < 1 for x in logged(trainer, "sftkey/key_fraction"))
+    assert all(
+        "sftkey/key_loss" in h and "sftkey/key_token_accuracy" in h for h in trainer.state.log_history if "loss" in h
+    )
+    assert all("sftkey/reasoning_loss" in h for h in trainer.state.log_history if h.get("sftkey/stage") == 1)
+
+
+def test_evaluation_scores_every_completion_token_and_logs_both_parts(tiny_dir, tmp_path):
+    records = arithmetic_records(8, seed=10, form="prompt_completion")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = SFTKeyTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+        args=config(tmp_path, sftkey=True, sftkey_mode="key_only", per_device_eval_batch_size=4, **PER_TOKEN),
+        train_dataset=Dataset.from_list(records),
+        eval_dataset=Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(tiny_dir),
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_sftkey/stage"] == 2
+    assert 0 < metrics["eval_sftkey/key_fraction"] < 1
+    assert metrics["eval_sftkey/key_loss"] > 0 and metrics["eval_sftkey/reasoning_loss"] > 0
+    # eval_loss covers every completion token: the token-weighted mean of its two parts
+    f = metrics["eval_sftkey/key_fraction"]
+    mixed = f * metrics["eval_sftkey/key_loss"] + (1 - f) * metrics["eval_sftkey/reasoning_loss"]
+    assert metrics["eval_loss"] == pytest.approx(mixed, rel=1e-4)
+
+
+def test_sftkey_off_leaves_the_trainer_stock(tiny_dir, tmp_path):
+    records = arithmetic_records(8, seed=11, form="prompt_completion")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=False)
+    assert "sftkey_mask" not in trainer.train_dataset.column_names
+    assert not any(isinstance(cb, SFTKeyCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_unsupported_settings_are_refused(tiny_dir, tmp_path):
+    records = arithmetic_records(4, seed=12, form="prompt_completion")
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        trainer_for(tiny_dir, records, tmp_path, sftkey=True, label_smoothing_factor=0.1)
+    if not FUSED_HEAD:
+        with pytest.raises(ValueError, match="loss_type='nll'"):
+            trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="weighted")
+
+
+def test_yaml_config_through_trl_parser(tmp_path):
+    import yaml
+    from trl import TrlParser
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path),
+                "bf16": False,
+                "sftkey": True,
+                "sftkey_mode": "weighted",
+                "sftkey_finder": "regex",
+                "sftkey_finder_options": {"pattern": "#### (?P<key>.+)"},
+                "sftkey_key_weight": 4.0,
+            }
+        )
+    )
+    (args,) = TrlParser((SFTKeyConfig,)).parse_args_and_config(["--config", str(path)])
+    assert (args.sftkey, args.sftkey_mode, args.sftkey_key_weight) == (True, "weighted", 4.0)
+    assert args.sftkey_finder_options == {"pattern": "#### (?P<key>.+)"}
+    with pytest.raises(ValueError, match="sftkey_on_missing must be one of"):
+        SFTKeyConfig(output_dir=str(tmp_path), bf16=False, sftkey=True, sftkey_on_missing="ignore")
