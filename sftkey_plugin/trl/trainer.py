@@ -191,16 +191,15 @@ class SFTKeyMixin(SFTKeyLossMixin):
         if bad and policy == "drop":
             stats.dropped = len(bad)
             dataset = dataset.filter(lambda status: status == FOUND, input_columns="sftkey_status", **map_kwargs)
-        elif stats.cut:
+        elif bad:
             stats.kept_without_key = len(bad)
-            dataset = dataset.map(
-                lambda example: (
-                    {SFTKEY_MASK: [0] * len(example[SFTKEY_MASK])} if example["sftkey_status"] == CUT else {}
-                ),
-                **map_kwargs,
-            )
-        else:
-            stats.kept_without_key = len(bad)
+            if stats.cut:  # a partly cut answer is not trained in stage 2: its mask is emptied
+                dataset = dataset.map(
+                    lambda example: (
+                        {SFTKEY_MASK: [0] * len(example[SFTKEY_MASK])} if example["sftkey_status"] == CUT else {}
+                    ),
+                    **map_kwargs,
+                )
         before = len(dataset)
         dataset = dataset.filter(lambda n: n > 0, input_columns="sftkey_completion_tokens", **map_kwargs)
         stats.emptied = before - len(dataset)
