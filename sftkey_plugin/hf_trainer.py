@@ -146,14 +146,15 @@ class SFTKeyLossMixin:
         sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
         sums = self.accelerator.gather(sums[None]).sum(0)  # type: ignore[attr-defined]
         mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
-        self._sftkey_sums[mode] = self._sftkey_sums.get(mode, 0) + sums.cpu()
+        # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
+        self._sftkey_sums[mode] = self._sftkey_sums.get(mode, 0) + sums
         self._sftkey_sums[f"{mode}_stage"] = torch.tensor(stage)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._sftkey_sums.pop(mode, None)
         if sums is not None:
-            stage = int(self._sftkey_sums.pop(f"{mode}_stage"))
+            stage, sums = int(self._sftkey_sums.pop(f"{mode}_stage")), sums.cpu()
             prefix = "eval_" if mode == "eval" else ""
             # in place, as Trainer.evaluate returns the dict it logged
             logs.update({prefix + k: v for k, v in metrics_from_sums(sums, stage).items()})

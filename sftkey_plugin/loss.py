@@ -74,16 +74,17 @@ def key_metric_sums(
     ``scored``: tokens in this step's loss; ``completion``: tokens trained in stage 1 (both aligned with ``nll``).
     Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens]``.
     """
+    # products and sums only (no boolean indexing), so nothing waits for the device
     nll = nll.detach().float()
-    scored = scored.to(nll.device).bool()
-    completion = completion.to(nll.device).bool()
-    key = shifted_key_mask.to(nll.device).bool() & completion
-    key_scored = key & scored
-    other_scored = scored & ~key
-    right = is_top1.to(nll.device).bool() & key_scored if is_top1 is not None else torch.zeros_like(key)
+    scored = scored.to(nll.device).float()
+    completion = completion.to(nll.device).float()
+    key = shifted_key_mask.to(nll.device).float() * completion
+    key_scored = key * scored
+    other_scored = scored - key_scored
+    right = is_top1.to(nll.device).float() * key_scored if is_top1 is not None else torch.zeros_like(key)
     counts = [key_scored, right, other_scored, key, completion]
-    k, r, o, kt, ct = (x.sum().float() for x in counts)
-    return torch.stack([nll[key_scored].sum(), k, r, nll[other_scored].sum(), o, kt, ct])
+    k, r, o, kt, ct = (x.sum() for x in counts)
+    return torch.stack([(nll * key_scored).sum(), k, r, (nll * other_scored).sum(), o, kt, ct])
 
 
 def metrics_from_sums(sums: torch.Tensor, stage: int, with_accuracy: bool = True) -> dict[str, float]:

@@ -20,19 +20,26 @@ from .hookspecs import Span
 def spans_to_token_mask(
     offsets: Sequence[Sequence[int]], spans: Sequence[Span], edge_tokens: str = "include"
 ) -> list[int]:
-    """1 for each token (given by its ``(start, end)`` character offsets) that belongs to a key span, else 0."""
-    starts = [start for start, _ in spans]
-    mask = []
-    for token_start, token_end in offsets:
-        index = bisect.bisect_left(starts, token_end) - 1  # the last span starting before the token ends
-        is_key = False
-        if token_end > token_start and index >= 0:
-            span_start, span_end = spans[index]
-            if edge_tokens == "include":
-                is_key = token_start < span_end
-            else:
-                is_key = token_start >= span_start and token_end <= span_end
-        mask.append(int(is_key))
+    """1 for each token (given by its ``(start, end)`` character offsets) that belongs to a key span, else 0.
+
+    Offsets of one tokenised text never decrease, so each span's first and last token are found by bisection
+    (``O(log n)`` per span rather than a Python loop over every token). Special tokens a post-processor appends
+    with offsets ``(0, 0)`` (an EOS after the text) would break that order, so they are left out of the search.
+    """
+    mask = [0] * len(offsets)
+    hi = len(offsets)
+    while hi > 0 and offsets[hi - 1][0] == offsets[hi - 1][1] == 0:
+        hi -= 1
+    for span_start, span_end in spans:
+        if edge_tokens == "include":  # tokens ending after the span starts and starting before it ends
+            first = bisect.bisect_right(offsets, span_start, hi=hi, key=lambda o: o[1])
+            last = bisect.bisect_left(offsets, span_end, hi=hi, key=lambda o: o[0])
+        else:  # tokens wholly inside the span
+            first = bisect.bisect_left(offsets, span_start, hi=hi, key=lambda o: o[0])
+            last = bisect.bisect_right(offsets, span_end, hi=hi, key=lambda o: o[1])
+        for index in range(first, last):
+            token_start, token_end = offsets[index]
+            mask[index] = int(token_end > token_start)  # zero-width (special) tokens are never key
     return mask
 
 

@@ -16,6 +16,9 @@ def test_straddling_tokens_follow_the_edge_policy():
     assert spans_to_token_mask(offsets, spans, "exclude") == [0, 0, 0, 1, 0]
     assert spans_to_token_mask(offsets, [(0, 1), (10, 11)], "include") == [0, 1, 0, 0, 1]
     assert spans_to_token_mask(offsets, [], "include") == [0] * 5
+    # a post-processor's EOS appended with offsets (0, 0) neither breaks the search nor becomes key
+    assert spans_to_token_mask([*offsets, (0, 0)], [(9, 12)], "include") == [0, 0, 0, 0, 1, 0]
+    assert spans_to_token_mask([*offsets, (0, 0)], [(0, 12)], "exclude") == [0, 1, 1, 1, 1, 0]
 
 
 def test_eos_after_the_answer_and_whitespace_before_it():

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The overhead benchmark on the borrowed GPU machine: a randomly initialised ~0.5B Qwen-shaped Llama (vocabulary
+# 151936) in bf16 with packing, plus the small large-vocabulary shape; stock SFTTrainer vs every SFTKey arm.
+# That machine has torch/transformers/accelerate/peft but not trl or datasets: fetch their wheels here first,
+#   bash benchmarks/fetch_gpu_wheels.sh
+# then run it there through the device tool (about 4-6 minutes):
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, trl, datasets; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__)"
+python3 benchmarks/overhead.py --device cuda --shapes qwen-0.5b,large-vocab --packing --bf16 --rounds 3 \
+  --steps 10 --warmup 3 --batch 8 --max-length 1024 --json "$out/overhead_gpu.json" 2>&1 | tee "$out/overhead_gpu.txt"
