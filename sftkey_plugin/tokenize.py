@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import SFTKeyArguments
 from .masking import KeyMask, key_mask_for_completion
 
 NOT_LOCATED = "not_located"  # the chat template altered the assistant content, so its spans cannot be placed
@@ -28,6 +29,17 @@ class MarkingOptions:
     finder_options: Mapping[str, Any] = field(default_factory=dict)
     edge_tokens: str = "include"
     include_eos: bool = True
+
+    @classmethod
+    def from_arguments(cls, arguments: SFTKeyArguments) -> MarkingOptions:
+        """The marking part of validated ``sftkey_*`` arguments."""
+        options = arguments.sftkey_finder_options
+        return cls(
+            finder=arguments.sftkey_finder,
+            finder_options=dict(options) if isinstance(options, dict) else {},
+            edge_tokens=arguments.sftkey_edge_tokens,
+            include_eos=arguments.sftkey_include_eos,
+        )
 
 
 def require_fast_tokenizer(tokenizer: Any) -> None:

@@ -24,15 +24,6 @@ logger = logging.getLogger("sftkey_plugin")
 _STAT_COLUMNS = ("sftkey_finder", "sftkey_status", "sftkey_key_tokens", "sftkey_completion_tokens")
 
 
-def _marking(arguments: SFTKeyArguments) -> MarkingOptions:
-    return MarkingOptions(
-        finder=arguments.sftkey_finder,
-        finder_options=dict(arguments.sftkey_finder_options or {}),
-        edge_tokens=arguments.sftkey_edge_tokens,
-        include_eos=arguments.sftkey_include_eos,
-    )
-
-
 def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, Any]:
     """Truncate every per-token column together; count key and trained tokens; mark examples whose key was cut."""
     trained = [int(label != IGNORE_INDEX) for label in example["labels"]]
@@ -157,7 +148,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             tokenize_with_key_mask,
             fn_kwargs={
                 "tokenizer": tokenizer,
-                "marking": _marking(arguments),
+                "marking": MarkingOptions.from_arguments(arguments),
                 "text_field": args.dataset_text_field,
                 "assistant_only_loss": args.assistant_only_loss,
                 "chat_template": self.chat_template,

@@ -1,0 +1,169 @@
+"""The ``sftkey_*`` YAML keys for Axolotl, derived from the one vocabulary in ``sftkey_plugin.config``.
+
+``SFTKeyInputArgs`` is mixed into Axolotl's ``AxolotlInputConfig`` (``BasePlugin.get_input_args``): every field
+of ``SFTKeyArguments`` becomes a top-level key of the same name and meaning, optional (unset keys take the
+``SFTKeyArguments`` defaults when read back with ``sftkey_arguments_from(cfg)``). The validators run on the whole
+config and refuse, with what to change, the settings the plugin cannot honour.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from ..config import SFTKEY_FIELDS, SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
+
+PLUGIN_NAME = "sftkey_plugin.axolotl.SFTKeyPlugin"
+STRATEGY_TYPE = "sftkey_plugin.axolotl.strategy"
+# Dataset ``type`` values that the plugin tokenises itself; ``chat_template`` is rewritten to the strategy by
+# ``SFTKeyPlugin.register``. A dataset without ``type`` must be pre-tokenised with a ``sftkey_mask`` column.
+SFTKEY_DATASET_TYPES = (STRATEGY_TYPE, f"{STRATEGY_TYPE}.load")
+
+
+def _field_definitions() -> dict[str, Any]:
+    hints = typing.get_type_hints(SFTKeyArguments)
+    definitions: dict[str, Any] = {}
+    for field in SFTKEY_FIELDS:
+        annotation = hints[field.name]
+        choices = field.metadata.get("choices")
+        if choices:
+            annotation = Literal[tuple(choices)]  # type: ignore[valid-type]
+        definitions[field.name] = (
+            annotation | None,
+            Field(default=None, json_schema_extra={"description": field.metadata.get("help", "")}),
+        )
+    return definitions
+
+
+def _refuse(setting: str, why: str, change: str) -> None:
+    raise ValueError(f"SFTKey (sftkey: true) cannot be used with {setting}: {why}. {change}")
+
+
+def _truthy(value: Any) -> bool:
+    return bool(value) and value not in ("false", "False", "0")
+
+
+class _SFTKeyValidators(BaseModel):
+    """The validators of ``SFTKeyInputArgs`` (the fields are added by ``create_model`` below)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def sftkey_check_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not _truthy(data.get("sftkey")):
+            return data
+        get = data.get
+        for name in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
+            if int(get(name) or 1) > 1:
+                why = (
+                    "each rank would see a slice of the sequence while the key mask and labels stay whole"
+                    if name != "tensor_parallel_size"
+                    else "the loss would see vocabulary-sharded logits (untested)"
+                )
+                _refuse(
+                    f"{name}: {get(name)}", why, f"Set {name}: 1 (DDP, FSDP and DeepSpeed ZeRO work) or sftkey: false."
+                )
+        for name in ("rl", "reward_model", "process_reward_model"):
+            if get(name):
+                _refuse(
+                    f"{name}: {get(name)}",
+                    "SFTKey is a supervised fine-tuning objective",
+                    f"Remove {name} or set sftkey: false.",
+                )
+        if get("streaming"):
+            _refuse(
+                "streaming: true",
+                "the key mask is made when the dataset is prepared, which streaming skips",
+                "Set streaming: false.",
+            )
+        if get("pretraining_dataset"):
+            _refuse(
+                "pretraining_dataset",
+                "pretraining text has no answer to mark",
+                "Use datasets: with a messages (chat_template) dataset instead.",
+            )
+        if get("skip_prepare_dataset"):
+            _refuse(
+                "skip_prepare_dataset: true",
+                "the key mask is made when the dataset is prepared",
+                "Set skip_prepare_dataset: false.",
+            )
+        if get("batch_flattening") is True:
+            _refuse(
+                "batch_flattening: true",
+                "it is not tested with the key mask",
+                "Set batch_flattening: false or use sample_packing: true.",
+            )
+        if get("processor_type"):
+            _refuse(
+                f"processor_type: {get('processor_type')}",
+                "multimodal collators drop the key mask",
+                "Remove processor_type (text-only models).",
+            )
+        if str(get("excess_length_strategy") or "").lower() == "truncate":
+            _refuse(
+                "excess_length_strategy: truncate",
+                "Axolotl truncates input_ids and labels but not the key mask",
+                "Use excess_length_strategy: drop (the default) or raise, or raise sequence_len.",
+            )
+        if get("use_eaft"):
+            _refuse("use_eaft: true", "both replace the training loss", "Remove use_eaft or set sftkey: false.")
+        if get("trainer_cls"):
+            _refuse(
+                f"trainer_cls: {get('trainer_cls')}",
+                "the SFTKey plugin supplies the trainer",
+                "Remove trainer_cls (or subclass sftkey_plugin.axolotl.SFTKeyAxolotlTrainer in your own plugin).",
+            )
+        for key in ("datasets", "test_datasets"):
+            for index, dataset in enumerate(get(key) or []):
+                dataset_type = dataset.get("type") if isinstance(dataset, dict) else getattr(dataset, "type", None)
+                if dataset_type is not None and dataset_type not in SFTKEY_DATASET_TYPES:
+                    _refuse(
+                        f"{key}[{index}].type: {dataset_type}",
+                        "SFTKey marks the key answer while tokenising conversations (messages)",
+                        f"Use type: chat_template (or {STRATEGY_TYPE}) with a messages dataset, or a pre-tokenised "
+                        "dataset (no type) with input_ids, attention_mask, labels and sftkey_mask columns.",
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def sftkey_check_loss_paths(self) -> Any:
+        if not getattr(self, "sftkey", None):
+            return self
+        arguments = sftkey_arguments_from(self)
+        try:
+            validate_sftkey_arguments(arguments)
+        except ValueError as error:
+            raise ValueError(f"SFTKey: {error}") from error
+        if arguments.sftkey_mode == "weighted":
+            fused = [
+                name for name in ("cut_cross_entropy", "liger_fused_linear_cross_entropy") if getattr(self, name, None)
+            ]
+            if fused:
+                _refuse(
+                    f"{fused[0]}: true in sftkey_mode: weighted",
+                    "a fused loss returns no per-token losses to weight",
+                    f"Set {fused[0]}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only, "
+                    "which keep the fused loss.",
+                )
+        if getattr(self, "liger_use_token_scaling", None):
+            _refuse(
+                "liger_use_token_scaling: true",
+                "it reweights tokens inside the fused loss",
+                "Set liger_use_token_scaling: false.",
+            )
+        return self
+
+
+SFTKeyInputArgs = create_model(  # type: ignore[call-overload]
+    "SFTKeyInputArgs",
+    __base__=_SFTKeyValidators,
+    __module__=__name__,
+    __doc__="Axolotl config keys of the SFTKey plugin (generated from sftkey_plugin.config.SFTKeyArguments).",
+    **_field_definitions(),
+)
+
+__all__ = ["PLUGIN_NAME", "SFTKEY_DATASET_TYPES", "STRATEGY_TYPE", "SFTKeyInputArgs"]

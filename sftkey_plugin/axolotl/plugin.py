@@ -1,0 +1,109 @@
+"""``SFTKeyPlugin``: the Axolotl ``BasePlugin`` (``plugins: [sftkey_plugin.axolotl.SFTKeyPlugin]``)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from ..config import sftkey_arguments_from
+from .args import STRATEGY_TYPE
+
+logger = logging.getLogger("sftkey_plugin")
+
+# Bump when the way the strategy marks tokens changes, so prepared datasets from older versions are not reused.
+MARKING_VERSION = 1
+DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"  # axolotl.common.const, not imported to keep register() light
+
+
+def marking_fingerprint(cfg: Any) -> str:
+    """A short hash of every option that changes the prepared rows (finder, options, edge/EOS policy, drops)."""
+    arguments = sftkey_arguments_from(cfg)
+    options = arguments.sftkey_finder_options
+    if isinstance(options, str):
+        with contextlib.suppress(json.JSONDecodeError):  # the validator reports it
+            options = json.loads(options)
+    payload = {
+        "version": MARKING_VERSION,
+        "finder": arguments.sftkey_finder,
+        "finder_options": options or {},
+        "edge_tokens": arguments.sftkey_edge_tokens,
+        "include_eos": arguments.sftkey_include_eos,
+        "on_missing": arguments.sftkey_on_missing,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _ToAxolotlLog(logging.Handler):
+    """Re-emit ``sftkey_plugin`` records as ``axolotl.sftkey_plugin`` so Axolotl's console shows them (its handlers
+    pass only ``axolotl*`` records below WARNING)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record = logging.makeLogRecord(record.__dict__)
+        record.name = f"axolotl.{record.name}"
+        logging.getLogger("axolotl.sftkey_plugin").handle(record)
+
+
+def route_logs_to_axolotl() -> None:
+    if not any(isinstance(handler, _ToAxolotlLog) for handler in logger.handlers):
+        logger.addHandler(_ToAxolotlLog())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for log_filter in list(logger.filters):  # Axolotl's logger class hides non-axolotl INFO records
+        if type(log_filter).__name__ == "AxolotlOrWarnErrorFilter":
+            logger.removeFilter(log_filter)
+
+
+def _is_rl(cfg: Any) -> bool:
+    return bool(cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"))
+
+
+class SFTKeyPlugin(BasePlugin):
+    """SFTKey for Axolotl: ``sftkey: true`` plus the ``sftkey_*`` keys (same names and meanings as on the TRL side).
+
+    - ``register``: rewrites ``type: chat_template`` datasets to the SFTKey strategy and appends the marking
+      options' hash to ``dataset_prepared_path`` (Axolotl's dataset hash ignores plugin keys).
+    - ``get_input_args``: the ``sftkey_*`` keys and the validators.
+    - ``get_trainer_cls``: ``SFTKeyAxolotlTrainer`` (None when sftkey is off or an RL/reward trainer is configured).
+    """
+
+    def register(self, cfg: dict) -> None:
+        if not cfg.get("sftkey"):
+            return
+        route_logs_to_axolotl()
+        for key in ("datasets", "test_datasets"):
+            for dataset in cfg.get(key) or []:
+                if isinstance(dataset, dict) and dataset.get("type") == "chat_template":
+                    dataset["type"] = STRATEGY_TYPE
+                    logger.info("SFTKey: %s with type chat_template tokenised by %s.", key, STRATEGY_TYPE)
+        suffix = f"sftkey-{marking_fingerprint(cfg)}"
+        base = str(cfg.get("dataset_prepared_path") or DEFAULT_DATASET_PREPARED_PATH).rstrip("/")
+        if not base.endswith(suffix):
+            cfg["dataset_prepared_path"] = f"{base}/{suffix}"
+
+    def get_input_args(self) -> str:
+        return "sftkey_plugin.axolotl.args.SFTKeyInputArgs"
+
+    def get_trainer_cls(self, cfg: Any):  # type: ignore[no-untyped-def]
+        if not cfg.get("sftkey") or _is_rl(cfg):
+            return None
+        from .trainer import SFTKeyAxolotlTrainer
+
+        return SFTKeyAxolotlTrainer
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        if not cfg.get("sftkey") or _is_rl(cfg):
+            return
+        from .trainer import SFTKeyAxolotlTrainer
+
+        if not isinstance(trainer, SFTKeyAxolotlTrainer):
+            raise RuntimeError(
+                f"SFTKey: the trainer is {type(trainer).__name__}, not SFTKeyAxolotlTrainer: another plugin listed "
+                "before sftkey_plugin.axolotl.SFTKeyPlugin supplies its own trainer. Remove that plugin or set "
+                "sftkey: false."
+            )
+        trainer.sftkey_configure(cfg)

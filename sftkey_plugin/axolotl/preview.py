@@ -1,0 +1,137 @@
+"""``axolotl sftkey-preview CONFIG.yml``: what SFTKey marks in a config's data, before a training run.
+
+Loads the config as ``axolotl train`` does (plugins, validation, normalisation), tokenises a sample of each
+dataset with the plugin's strategy, prints the key-marking summary and shows a few examples with the key tokens
+between ``[[`` and ``]]`` (coloured on a terminal; tokens without loss dimmed). It also says so when ``sftkey``
+keys are set but the plugin is not listed under ``plugins:`` (Axolotl would drop them silently).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from .args import PLUGIN_NAME
+
+KEY_OPEN, KEY_CLOSE = "[[", "]]"
+
+
+def plugin_warning(raw: dict[str, Any]) -> str | None:
+    """The warning for ``sftkey`` keys in a config that does not list the plugin (None when all is well)."""
+    keys = sorted(k for k in raw if k == "sftkey" or k.startswith("sftkey_"))
+    if keys and PLUGIN_NAME not in (raw.get("plugins") or []):
+        return (
+            f"WARNING: the config sets {', '.join(keys)} but does not list the plugin, so `axolotl train` ignores "
+            f"them and trains without SFTKey. Add it:\nplugins:\n  - {PLUGIN_NAME}"
+        )
+    return None
+
+
+def _highlight(tokenizer: Any, input_ids: list[int], labels: list[int], mask: list[int], color: bool) -> str:
+    pieces = []
+    in_key = False
+    for token, label, key in zip(input_ids, labels, mask):
+        text = tokenizer.decode([token])
+        if key and not in_key:
+            pieces.append(KEY_OPEN)
+        if not key and in_key:
+            pieces.append(KEY_CLOSE)
+        in_key = bool(key)
+        if color and key:
+            text = click.style(text, fg="green", bold=True)
+        elif color and label == -100:
+            text = click.style(text, dim=True)
+        pieces.append(text)
+    if in_key:
+        pieces.append(KEY_CLOSE)
+    return "".join(pieces)
+
+
+def _raw_dataset(dataset_config: Any, cfg: Any, sample: int):  # type: ignore[no-untyped-def]
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from datasets import DatasetDict
+
+    dataset = load_dataset_with_config(dataset_config, cfg.hf_use_auth_token)
+    if isinstance(dataset, DatasetDict):
+        dataset = dataset[dataset_config.split or "train"]
+    return dataset.select(range(min(sample, len(dataset))))
+
+
+def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Tokenise up to ``sample`` rows of one dataset as the training run would: ``(rows, dropped by
+    sftkey_on_missing, dropped by sequence_len)``."""
+    from axolotl.prompt_strategies import load as load_strategy
+
+    raw = _raw_dataset(dataset_config, cfg, sample)
+    if "input_ids" in raw.column_names:  # pre-tokenised: used as is
+        batch = raw.to_dict()
+        dropped_missing = 0
+    else:
+        strategy = load_strategy(dataset_config.type, tokenizer, cfg, dataset_config)
+        if strategy is None:
+            raise click.ClickException(f"Cannot load the prompt strategy {dataset_config.type!r}.")
+        batch = strategy.tokenize_prompt(raw.to_dict())
+        dropped_missing = len(raw) - len(batch["input_ids"])
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    kept = [row for row in rows if len(row["input_ids"]) <= cfg.sequence_len]
+    return kept, dropped_missing, len(rows) - len(kept)
+
+
+@click.command("sftkey-preview")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--num-examples", "-n", default=2, show_default=True, help="Examples shown with key tokens marked.")
+@click.option("--sample", default=256, show_default=True, help="Rows per dataset tokenised for the summary.")
+@click.option("--color/--no-color", default=None, help="Colour the key tokens (default: when on a terminal).")
+def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | None) -> None:
+    """Preview SFTKey key-answer marking on a config's datasets."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.loaders import load_tokenizer
+    from axolotl.utils.dict import DictDefault
+
+    from ..collator import SFTKEY_MASK
+    from ..stats import FOUND, MISSING, KeyDataStats
+    from .strategy import SFTKEY_FINDER
+
+    color = sys.stdout.isatty() if color is None else color
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    warning = plugin_warning(raw)
+    if warning:
+        click.secho(warning, fg="yellow", err=True)
+        click.echo(f"(previewing as if {PLUGIN_NAME} were listed)", err=True)
+        raw["plugins"] = [*(raw.get("plugins") or []), PLUGIN_NAME]
+    if not raw.get("sftkey"):
+        raise click.ClickException("sftkey is not true in this config: there is nothing to preview.")
+
+    cfg = load_cfg(DictDefault(raw))
+    tokenizer = load_tokenizer(cfg)
+    for index, dataset_config in enumerate(cfg.datasets or []):
+        rows, dropped_missing, dropped_long = preview_rows(cfg, tokenizer, dataset_config, sample)
+        name = f"datasets[{index}] {dataset_config.path}"
+        stats = KeyDataStats.from_columns(
+            name,
+            [FOUND if 1 in row[SFTKEY_MASK] else MISSING for row in rows],
+            [row.get(SFTKEY_FINDER, "pretokenized") if 1 in row[SFTKEY_MASK] else "" for row in rows],
+            [sum(row[SFTKEY_MASK]) for row in rows],
+            [sum(1 for label in row["labels"] if label != -100) for row in rows],
+        )
+        stats.dropped = dropped_missing
+        click.echo(stats.summary_line())
+        click.echo(
+            f"  first {min(sample, len(rows) + dropped_missing + dropped_long)} rows tokenised; {dropped_long} longer "
+            f"than sequence_len {cfg.sequence_len} (dropped by Axolotl, so no answer is cut); "
+            f"sftkey_mode {cfg.sftkey_mode or 'two_stage'}; prepared data in {cfg.dataset_prepared_path}"
+        )
+        for number, row in enumerate(rows[:num_examples], start=1):
+            n_key = sum(row[SFTKEY_MASK])
+            n_trained = sum(1 for label in row["labels"] if label != -100)
+            finder = row.get(SFTKEY_FINDER) or "none"
+            click.echo(f"--- example {number}: finder {finder}, {n_key} key of {n_trained} trained tokens ---")
+            click.echo(_highlight(tokenizer, row["input_ids"], row["labels"], row[SFTKEY_MASK], color))
+
+
+if __name__ == "__main__":
+    sftkey_preview()

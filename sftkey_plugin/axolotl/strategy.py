@@ -1,0 +1,128 @@
+"""``type: sftkey_plugin.axolotl.strategy``: Axolotl's ``chat_template`` strategy plus the ``sftkey_mask`` column.
+
+The row is tokenised by Axolotl exactly as ``type: chat_template`` does (labels, roles, EOS/EOT rules untouched);
+the key mask is then made by the core's ``tokenize_with_key_mask`` (the TRL side's own function) on the same
+conversation and template, checked to give the same ``input_ids``, and restricted to the tokens Axolotl trains
+(``labels != -100``). So for one example and template the mask equals the TRL mask on trained tokens.
+
+Extra columns: ``sftkey_mask`` (int 0/1, as long as ``input_ids``) and ``sftkey_finder`` (the finder that matched,
+``""`` none, ``"not_located"`` when the render could not be matched; the trainer counts and removes it).
+``sftkey_on_missing: drop`` drops rows without key tokens here, before Axolotl counts the training steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, StrategyLoader
+from axolotl.prompters import IGNORE_TOKEN_ID
+
+from ..collator import SFTKEY_MASK
+from ..config import sftkey_arguments_from, validate_sftkey_arguments
+from ..tokenize import NOT_LOCATED, MarkingOptions, require_fast_tokenizer, tokenize_with_key_mask
+
+logger = logging.getLogger("sftkey_plugin")
+
+SFTKEY_FINDER = "sftkey_finder"
+
+
+class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
+    """``ChatTemplateStrategy`` that adds ``sftkey_mask`` / ``sftkey_finder`` to each tokenised row."""
+
+    def __init__(self, *args: Any, marking: MarkingOptions | None = None, on_missing: str = "keep", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.marking = marking
+        self.on_missing = on_missing
+        if marking is not None:
+            require_fast_tokenizer(self.tokenizer)
+
+    def tokenize_prompt(self, prompt: dict[str, Any]):  # type: ignore[no-untyped-def]
+        result = super().tokenize_prompt(prompt)
+        if self.marking is None or self.on_missing != "drop" or not result:
+            return result
+        if not isinstance(result.get(SFTKEY_MASK, [None])[0], list):  # a single row: nothing to drop here
+            return result
+        keep = [i for i, mask in enumerate(result[SFTKEY_MASK]) if 1 in mask]
+        if len(keep) < len(result[SFTKEY_MASK]):
+            logger.warning(
+                "SFTKey: dropped %d of %d examples with no key answer tokens (sftkey_on_missing=drop).",
+                len(result[SFTKEY_MASK]) - len(keep),
+                len(result[SFTKEY_MASK]),
+            )
+        return {key: [values[i] for i in keep] for key, values in result.items()}
+
+    def _tokenize_single_prompt(self, prompt: dict) -> dict[str, list[int]]:  # type: ignore[override]
+        result = super()._tokenize_single_prompt(prompt)
+        if self.marking is None:
+            return result
+        mask, finder = self.key_mask(prompt, result["input_ids"], result["labels"])
+        if self.on_missing == "error" and 1 not in mask:
+            content = self._last_assistant(prompt)
+            raise ValueError(
+                f"SFTKey: no key answer found (finder {self.marking.finder!r}"
+                + (", the rendered conversation did not match Axolotl's tokens" if finder == NOT_LOCATED else "")
+                + f") in the example whose last assistant message is {content[-200:]!r}. Fix the data, choose "
+                "another sftkey_finder, or set sftkey_on_missing to 'drop' or 'keep'."
+            )
+        result[SFTKEY_MASK] = mask
+        result[SFTKEY_FINDER] = finder
+        return result
+
+    def _last_assistant(self, prompt: dict) -> str:
+        for turn in reversed(self.get_conversation_thread(prompt)):
+            if turn.get("role") == "assistant" and isinstance(turn.get("content"), str):
+                return turn["content"]
+        return ""
+
+    def key_mask(self, prompt: dict, input_ids: list[int], labels: list[int]) -> tuple[list[int], str]:
+        """The key mask on Axolotl's tokens (0 where ``labels`` is ignored) and the finder that matched."""
+        assert self.marking is not None
+        turns = self.get_conversation_thread(prompt)
+        example = {
+            **prompt,
+            "messages": turns,
+            "tools": self._get_tools(prompt),
+            "chat_template_kwargs": self.prompter.chat_template_kwargs,
+        }
+        try:
+            marked = tokenize_with_key_mask(
+                example, self.tokenizer, self.marking, chat_template=self.prompter.chat_template
+            )
+        except ValueError as error:  # e.g. no assistant message: nothing to mark
+            logger.debug("SFTKey could not mark an example: %s", error)
+            return [0] * len(input_ids), ""
+        if list(marked["input_ids"]) != list(input_ids):
+            return [0] * len(input_ids), NOT_LOCATED
+        mask = [int(m and label != IGNORE_TOKEN_ID) for m, label in zip(marked[SFTKEY_MASK], labels)]
+        return mask, marked[SFTKEY_FINDER] if 1 in mask else ""
+
+
+class SFTKeyStrategyLoader(StrategyLoader):
+    """Builds ``SFTKeyChatTemplateStrategy`` from the validated Axolotl config (``sftkey_*`` keys)."""
+
+    def _get_strategy_cls(self, cfg):  # type: ignore[no-untyped-def]
+        if cfg.tokenizer_use_mistral_common:
+            raise ValueError("SFTKey needs a Hugging Face fast tokenizer: set tokenizer_use_mistral_common: false.")
+        return SFTKeyChatTemplateStrategy
+
+    def _get_strategy_params(self, cfg, ds_cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
+        params = super()._get_strategy_params(cfg, ds_cfg)
+        if cfg.get("sftkey"):
+            arguments = sftkey_arguments_from(cfg)
+            validate_sftkey_arguments(arguments)
+            params["marking"] = MarkingOptions.from_arguments(arguments)
+            params["on_missing"] = arguments.sftkey_on_missing
+        else:
+            from .args import PLUGIN_NAME
+
+            listed = PLUGIN_NAME in (cfg.get("plugins") or [])
+            logger.warning(
+                "SFTKey: a dataset uses type sftkey_plugin.axolotl.strategy but %s: it is tokenised as plain "
+                "chat_template, without key marking.",
+                "sftkey is not true" if listed else f"the plugin is not listed under plugins: (add {PLUGIN_NAME})",
+            )
+        return params
+
+
+load = SFTKeyStrategyLoader()

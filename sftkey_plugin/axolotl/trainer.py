@@ -1,0 +1,127 @@
+"""``SFTKeyAxolotlTrainer``: Axolotl's ``AxolotlTrainer`` with the core's SFTKey loss mixin.
+
+Axolotl's trainer keeps everything it does (multipack sampler, checkpointing, its metrics, CCE/Liger forwards);
+``SFTKeyLossMixin`` adds the stage schedule, the stage-2 label masking with the step's key-token count, the
+``weighted`` correction and the ``sftkey/*`` metrics. This class only moves the column: it wraps the train and
+eval collators in ``SFTKeyDataCollator`` (multipack bins included), keeps ``sftkey_mask`` through
+``remove_unused_columns``, counts the prepared data and removes the string ``sftkey_finder`` column.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from ..collator import SFTKEY_MASK, SFTKeyDataCollator
+from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
+from ..hf_trainer import SFTKeyLossMixin
+from ..loss import IGNORE_INDEX
+from ..stats import FOUND, MISSING, KeyDataStats
+from .strategy import SFTKEY_FINDER
+
+logger = logging.getLogger("sftkey_plugin")
+
+
+def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
+    """Counts of one prepared Axolotl dataset (rows with ``labels`` and ``sftkey_mask``)."""
+    columns = ["labels", SFTKEY_MASK] + ([SFTKEY_FINDER] if SFTKEY_FINDER in dataset.column_names else [])
+    statuses: list[str] = []
+    finders: list[str] = []
+    keys: list[int] = []
+    trained: list[int] = []
+    for batch in dataset.select_columns(columns).iter(batch_size=1000):
+        names = batch.get(SFTKEY_FINDER) or ["pretokenized"] * len(batch["labels"])
+        for labels, mask, finder in zip(batch["labels"], batch[SFTKEY_MASK], names):
+            n_key = int(sum(mask))
+            statuses.append(FOUND if n_key else MISSING)
+            finders.append(finder if n_key else "")
+            keys.append(n_key)
+            trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
+    return KeyDataStats.from_columns(name, statuses, finders, keys, trained)
+
+
+def _transformers_accepts_loss_kwargs(model: Any) -> bool:
+    """transformers' own rule (``Trainer.__init__``) for passing ``num_items_in_batch`` to the model."""
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(unwrapped, "accepts_loss_kwargs"):
+        return bool(unwrapped.accepts_loss_kwargs)
+    parameters = inspect.signature(unwrapped.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in parameters)
+
+
+class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
+    """``AxolotlTrainer`` + SFTKey. Built by ``SFTKeyPlugin.get_trainer_cls``; configured from the Axolotl cfg in
+    ``SFTKeyPlugin.post_trainer_create`` (or pass ``sftkey_arguments=`` when building it yourself)."""
+
+    def __init__(self, *args: Any, sftkey_arguments: SFTKeyArguments | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sftkey_configured = False
+        self._sftkey_pending_stats = [
+            self._sftkey_prepare_dataset(name)
+            for name in ("train_dataset", "eval_dataset")
+            if getattr(self, name, None) is not None
+        ]
+        self._sftkey_wrap_collators()
+        # Axolotl 0.19 switches num_items_in_batch off for every model whose *inner* model lacks the parameter:
+        # the loss is then a mean per micro-batch (not exact under gradient accumulation, and NaN for a stage-2
+        # micro-batch without key tokens). SFTKey restores transformers' own rule, as TRL uses it.
+        if not getattr(self, "model_accepts_loss_kwargs", True) and _transformers_accepts_loss_kwargs(
+            self.accelerator.unwrap_model(self.model)
+        ):
+            self.model_accepts_loss_kwargs = True
+        if sftkey_arguments is not None:
+            self.sftkey_configure(sftkey_arguments)
+
+    def _sftkey_prepare_dataset(self, attribute: str) -> KeyDataStats:
+        dataset = getattr(self, attribute)
+        name = "train" if attribute == "train_dataset" else "eval"
+        if SFTKEY_MASK not in getattr(dataset, "column_names", []):
+            raise ValueError(
+                f"SFTKey: the {name} dataset has no {SFTKEY_MASK!r} column. Give each dataset type: chat_template "
+                "(or sftkey_plugin.axolotl.strategy) with sftkey: true, or pre-tokenise it with a sftkey_mask column; "
+                "a dataset prepared before the plugin was enabled is not reused (dataset_prepared_path gets a "
+                "sftkey-<hash> suffix)."
+            )
+        stats = dataset_stats(dataset, name)
+        if SFTKEY_FINDER in dataset.column_names:
+            setattr(self, attribute, dataset.remove_columns([SFTKEY_FINDER]))
+        return stats
+
+    def _sftkey_wrap_collators(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        side = getattr(self.processing_class, "padding_side", None) or "right"
+        for attribute in ("data_collator", "eval_data_collator"):
+            inner = getattr(self, attribute, None)
+            if inner is None or isinstance(inner, SFTKeyDataCollator):
+                continue
+            if isinstance(inner, DataCollatorWithFlattening):
+                raise ValueError("SFTKey is not tested with batch_flattening: set batch_flattening: false.")
+            setattr(self, attribute, SFTKeyDataCollator(inner, side))
+        self.train_data_collator = self.data_collator
+
+    def sftkey_configure(self, source: Any) -> None:
+        """Install the SFTKey arguments (an ``SFTKeyArguments`` or the Axolotl cfg); idempotent."""
+        if self._sftkey_configured:
+            return
+        arguments = source if isinstance(source, SFTKeyArguments) else sftkey_arguments_from(source)
+        validate_sftkey_arguments(arguments)
+        # The top-level module: PEFT calls the base model's ``forward`` directly, which skips its hooks
+        self._sftkey_setup(arguments, self.model)
+        self.sftkey_callback.data_stats = list(self._sftkey_pending_stats)
+        self._sftkey_configured = True
+
+    def train(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        if not self._sftkey_configured:
+            if self.axolotl_cfg is None:
+                raise RuntimeError("SFTKeyAxolotlTrainer: call sftkey_configure(...) or pass sftkey_arguments=.")
+            self.sftkey_configure(self.axolotl_cfg)
+        return super().train(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and SFTKEY_MASK not in self._signature_columns:
+            self._signature_columns.append(SFTKEY_MASK)

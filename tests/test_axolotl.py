@@ -1,0 +1,417 @@
+"""The Axolotl plugin: real ``axolotl train`` runs (CLI python entry) on the tiny fixtures, the strategy's mask
+against the TRL side's, the validators, the dataset-cache suffix and the ``sftkey-preview`` command."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("axolotl")
+
+pytestmark = pytest.mark.axolotl
+
+PLUGIN = "sftkey_plugin.axolotl.SFTKeyPlugin"
+N_RECORDS = 48
+
+
+def _base_config(tiny_dir: str, data: str, prepared: str, output_dir: str) -> dict:
+    return {
+        "base_model": tiny_dir,
+        "datasets": [{"path": data, "ds_type": "json", "type": "chat_template"}],
+        "dataset_prepared_path": prepared,
+        "output_dir": output_dir,
+        "sequence_len": 256,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 4,
+        "learning_rate": 0.002,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "seed": 0,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        # Axolotl seeds nothing before the LoRA init, so a random init depends on what ran before it (a dataset
+        # prepared or loaded from the cache); OLoRA's QR init is deterministic, so runs can be compared exactly.
+        "peft_init_lora_weights": "olora",
+        "lora_target_linear": True,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "lora_embedding_kernel": False,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "flash_attention": False,
+        "attn_implementation": "sdpa",
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "save_strategy": "steps",  # checkpoint-4/trainer_state.json holds the log history
+        "save_steps": 4,
+        "val_set_size": 0,
+        "dataset_num_proc": 1,
+    }
+
+
+SFTKEY_ON = {"plugins": [PLUGIN], "sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_steps": 2}
+EVAL = {"val_set_size": 0.125, "eval_strategy": "steps", "eval_steps": 2}
+PACKED = {"sample_packing": True, "micro_batch_size": 2, "pad_to_sequence_len": True}
+RUNS = {
+    "off": EVAL,
+    "on": {**SFTKEY_ON, **EVAL},
+    "on_ga": {**SFTKEY_ON, **EVAL, "micro_batch_size": 2, "gradient_accumulation_steps": 2},
+    "off_packed": PACKED,
+    "on_packed": {**SFTKEY_ON, **PACKED},
+    "weighted_1_1": {
+        **SFTKEY_ON,
+        **EVAL,
+        "sftkey_mode": "weighted",
+        "sftkey_key_weight": 1.0,
+        "sftkey_other_weight": 1.0,
+    },
+}
+
+
+def _env() -> dict:
+    return {
+        **os.environ,
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_dir):
+    from sftkey_plugin.examples import arithmetic_records
+
+    root = tmp_path_factory.mktemp("axolotl")
+    records = arithmetic_records(N_RECORDS, seed=1, form="messages")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return {"root": root, "data": str(data), "records": records, "tiny_dir": tiny_dir}
+
+
+def _config(workdir, name: str, overrides: dict) -> dict:
+    root = workdir["root"]
+    config = _base_config(workdir["tiny_dir"], workdir["data"], str(root / "prepared"), str(root / f"out_{name}"))
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def _write(path: Path, config: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """Run every config of RUNS through ``python -m axolotl.cli.train``, two at a time (2 cores)."""
+    root = workdir["root"]
+    pending = list(RUNS)
+    active: dict[str, tuple[subprocess.Popen, Path]] = {}
+    results = {}
+    deadline = time.time() + 600
+    while pending or active:
+        while pending and len(active) < 2:
+            name = pending.pop(0)
+            path = _write(root / f"{name}.yml", _config(workdir, name, RUNS[name]))
+            log = root / f"{name}.log"
+            with log.open("w") as handle:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "axolotl.cli.train", str(path)],
+                    cwd=root,
+                    env=_env(),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            active[name] = (process, log)
+        for name, (process, log) in list(active.items()):
+            if process.poll() is not None:
+                del active[name]
+                output = log.read_text(errors="replace")
+                state = root / f"out_{name}" / "checkpoint-4" / "trainer_state.json"
+                history = json.loads(state.read_text())["log_history"] if state.exists() else None
+                results[name] = {"rc": process.returncode, "output": output, "history": history}
+        if time.time() > deadline:
+            for process, _ in active.values():
+                process.kill()
+            pytest.fail(f"axolotl runs timed out: {list(active)}")
+        time.sleep(0.5)
+    return results
+
+
+def _train_logs(history):
+    return [entry for entry in history if "loss" in entry and "eval_loss" not in entry]
+
+
+def test_runs_succeed(runs):
+    for name, result in runs.items():
+        assert result["rc"] == 0, f"{name} failed:\n{result['output'][-4000:]}"
+        assert result["history"] is not None, name
+        assert len(_train_logs(result["history"])) == 4, name
+
+
+def test_plugin_off_logs_no_sftkey_metrics(runs):
+    for name in ("off", "off_packed"):
+        assert not any(key.startswith(("sftkey/", "eval_sftkey/")) for entry in runs[name]["history"] for key in entry)
+        assert "SFTKey" not in runs[name]["output"]
+
+
+@pytest.mark.parametrize("name", ["on", "on_ga", "on_packed"])
+def test_stage_switches_at_configured_step(runs, name):
+    logs = _train_logs(runs[name]["history"])
+    assert [entry["sftkey/stage"] for entry in logs] == [1, 1, 2, 2]
+    for entry in logs:
+        assert 0 < entry["sftkey/key_fraction"] < 1
+        assert "sftkey/key_loss" in entry and "sftkey/key_token_accuracy" in entry
+    assert all("sftkey/reasoning_loss" in entry for entry in logs[:2])
+    for entry in logs[2:]:  # stage 2: the loss is the mean NLL of the key tokens, nothing else is scored
+        assert "sftkey/reasoning_loss" not in entry
+        assert entry["loss"] == pytest.approx(entry["sftkey/key_loss"], rel=2e-3)
+    output = runs[name]["output"]
+    assert "SFTKey train data: " in output and "key span found in" in output
+    assert "SFTKey: stage 2 (key answer tokens only) from optimizer step 3." in output
+
+
+@pytest.mark.parametrize(("off", "on"), [("off", "on"), ("off_packed", "on_packed")])
+def test_stage_one_is_plain_sft(runs, off, on):
+    """Same seed, data and order: the first step (stage 1) has the plugin-off loss; stage 2 then differs."""
+    off_logs, on_logs = _train_logs(runs[off]["history"]), _train_logs(runs[on]["history"])
+    assert on_logs[0]["loss"] == pytest.approx(off_logs[0]["loss"], rel=1e-4)
+    assert on_logs[0]["grad_norm"] == pytest.approx(off_logs[0]["grad_norm"], rel=1e-3)
+    assert on_logs[2]["loss"] != pytest.approx(off_logs[2]["loss"], rel=1e-3)
+
+
+def test_weighted_one_one_is_plain_sft(runs):
+    """``weighted`` with 1.0/1.0 trains exactly like the plugin-off run, every step (and logs the metrics)."""
+    off, weighted = _train_logs(runs["off"]["history"]), _train_logs(runs["weighted_1_1"]["history"])
+    for plain, one_one in zip(off, weighted):
+        assert one_one["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert one_one["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+        assert one_one["sftkey/stage"] == 1 and "sftkey/reasoning_loss" in one_one
+
+
+def test_gradient_accumulation_is_exact(runs):
+    """4 rows as one micro-batch or as 2 x 2 accumulated: the same loss in both stages (token-count normalised)."""
+    single, accumulated = _train_logs(runs["on"]["history"]), _train_logs(runs["on_ga"]["history"])
+    for one, two in zip(single, accumulated):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+
+
+def test_eval_keeps_the_mask_and_logs_key_metrics(runs):
+    evals = [entry for entry in runs["on"]["history"] if "eval_loss" in entry and entry["step"] in (2, 4)]
+    assert len(evals) == 2
+    for entry in evals:
+        assert "eval_sftkey/key_loss" in entry and "eval_sftkey/reasoning_loss" in entry
+        assert entry["eval_sftkey/stage"] in (1, 2)
+
+
+def _prepared_with_sftkey(workdir):
+    from datasets import load_from_disk
+
+    folders = (Path(workdir["root"]) / "prepared").glob("sftkey-*/*")
+    return [load_from_disk(str(p)) for p in folders if (p / "dataset_info.json").exists()]
+
+
+def test_prepared_dataset_cached_under_marking_hash(runs, workdir):
+    base = Path(workdir["root"]) / "prepared"
+    suffixed = list(base.glob("sftkey-*"))
+    assert len(suffixed) == 1, "one marking configuration: one sftkey-<hash> folder"
+    for dataset in _prepared_with_sftkey(workdir):
+        assert {"input_ids", "labels", "sftkey_mask", "sftkey_finder"} <= set(dataset.column_names)
+
+
+def test_masks_match_trl_side(runs, workdir, tokenizer):
+    """The mask Axolotl's own tokenisation carries equals ``tokenize_with_key_mask`` (TRL) on trained tokens."""
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    expected = {}
+    for record in workdir["records"]:
+        marked = tokenize_with_key_mask(record, tokenizer, MarkingOptions())
+        expected[tuple(marked["input_ids"])] = marked["sftkey_mask"]
+    checked = 0
+    for dataset in _prepared_with_sftkey(workdir):
+        for row in dataset:
+            trl_mask = expected[tuple(row["input_ids"])]  # same tokens as the TRL side
+            trained = [label != -100 for label in row["labels"]]
+            assert row["sftkey_mask"] == [int(m and t) for m, t in zip(trl_mask, trained)]
+            assert sum(row["sftkey_mask"]) > 0 and row["sftkey_finder"] == "tags"
+            checked += 1
+    assert checked >= N_RECORDS
+
+
+# ---- in-process: config loading, strategy, validators, preview ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def axolotl_env():
+    os.environ.update({k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"})
+    from axolotl.cli.config import load_cfg
+    from axolotl.utils.dict import DictDefault
+
+    def load(config: dict):
+        return load_cfg(DictDefault(copy.deepcopy(config)))
+
+    return load
+
+
+def _strategy(axolotl_env, config: dict):
+    from axolotl.loaders import load_tokenizer
+    from axolotl.prompt_strategies import load as load_strategy
+
+    cfg = axolotl_env(config)
+    tokenizer = load_tokenizer(cfg)
+    return cfg, tokenizer, load_strategy(cfg.datasets[0].type, tokenizer, cfg, cfg.datasets[0])
+
+
+def _tokenize(strategy, records):
+    batch = {key: [record[key] for record in records] for key in records[0]}
+    out = strategy.tokenize_prompt(batch)
+    return [dict(zip(out, values)) for values in zip(*out.values())]
+
+
+MULTI_TURN = {
+    "messages": [
+        {"role": "system", "content": "Work step by step."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "<Thinking>2 + 3 = 5.</Thinking>\n<Answer>5</Answer>"},
+        {"role": "user", "content": "And 5 - 1?"},
+        {"role": "assistant", "content": "<Thinking>5 - 1 = 4.</Thinking>\n<Answer>4</Answer>"},
+    ]
+}
+NO_KEY = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]}
+
+
+def test_strategy_matches_trl_and_handles_missing(axolotl_env, workdir):
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    config = _config(workdir, "strategy", {**SFTKEY_ON, "sftkey_finder": "tags"})
+    cfg, tokenizer, strategy = _strategy(axolotl_env, config)
+    assert cfg.datasets[0].type == "sftkey_plugin.axolotl.strategy"  # rewritten from chat_template
+    assert "/sftkey-" in str(cfg.dataset_prepared_path)
+    rows = _tokenize(strategy, [MULTI_TURN, NO_KEY])
+    for record, row in zip([MULTI_TURN, NO_KEY], rows):
+        marked = tokenize_with_key_mask(record, tokenizer, MarkingOptions(finder="tags"))
+        assert marked["input_ids"] == row["input_ids"]
+        assert len(row["sftkey_mask"]) == len(row["input_ids"])
+        assert row["sftkey_mask"] == [int(m and lab != -100) for m, lab in zip(marked["sftkey_mask"], row["labels"])]
+    key_text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["sftkey_mask"]) if m])
+    assert "4" in key_text and "5" not in key_text  # only the last assistant turn's answer
+    assert rows[1]["sftkey_mask"] == [0] * len(rows[1]["input_ids"]) and rows[1]["sftkey_finder"] == ""
+
+    _, _, dropping = _strategy(axolotl_env, {**config, "sftkey_on_missing": "drop"})
+    assert len(_tokenize(dropping, [MULTI_TURN, NO_KEY])) == 1
+    _, _, strict = _strategy(axolotl_env, {**config, "sftkey_on_missing": "error"})
+    with pytest.raises(ValueError, match="no key answer found"):
+        _tokenize(strict, [NO_KEY])
+
+
+def test_sftkey_off_or_unlisted_changes_nothing(axolotl_env, workdir):
+    plain = _config(workdir, "plain", {})
+    cfg = axolotl_env({**plain, "sftkey": True})  # plugin not listed: Axolotl drops the key silently
+    assert cfg.sftkey is None and cfg.datasets[0].type == "chat_template"
+    off = axolotl_env({**plain, "plugins": [PLUGIN], "sftkey": False})
+    assert off.dataset_prepared_path == plain["dataset_prepared_path"] and off.datasets[0].type == "chat_template"
+
+
+def test_marking_options_change_the_cache_folder(axolotl_env, workdir):
+    config = _config(workdir, "cache", SFTKEY_ON)
+    paths = {
+        "default": axolotl_env(config).dataset_prepared_path,
+        "same": axolotl_env({**config, "sftkey_stage2_steps": 3}).dataset_prepared_path,  # not a marking option
+        "finder": axolotl_env({**config, "sftkey_finder": "answer_is"}).dataset_prepared_path,
+        "options": axolotl_env(
+            {**config, "sftkey_finder": "regex", "sftkey_finder_options": {"pattern": "<Answer>(?P<key>.*?)</Answer>"}}
+        ).dataset_prepared_path,
+        "edge": axolotl_env({**config, "sftkey_edge_tokens": "exclude"}).dataset_prepared_path,
+    }
+    assert paths["default"] == paths["same"]
+    assert len({paths[k] for k in ("default", "finder", "options", "edge")}) == 4
+    assert all(str(p).startswith(config["dataset_prepared_path"] + "/sftkey-") for p in paths.values())
+
+
+REFUSED = [
+    ({"context_parallel_size": 2}, "context_parallel_size: 2"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size: 2"),
+    ({"rl": "dpo"}, "rl: dpo"),
+    ({"reward_model": True}, "reward_model"),
+    ({"process_reward_model": True}, "process_reward_model"),
+    ({"streaming": True}, "streaming: true"),
+    ({"pretraining_dataset": "some/corpus"}, "pretraining_dataset"),
+    ({"skip_prepare_dataset": True}, "skip_prepare_dataset: true"),
+    ({"batch_flattening": True}, "batch_flattening: true"),
+    ({"processor_type": "AutoProcessor"}, "processor_type"),
+    ({"excess_length_strategy": "truncate"}, "excess_length_strategy: truncate"),
+    ({"use_eaft": True}, "use_eaft: true"),
+    ({"trainer_cls": "my.Trainer"}, "trainer_cls"),
+    ({"datasets": [{"path": "x.jsonl", "ds_type": "json", "type": "alpaca"}]}, "type: alpaca"),
+    ({"sftkey_stage2_ratio": 2.0}, "sftkey_stage2_ratio must be in"),
+    ({"sftkey_mode": "fancy"}, "sftkey_mode"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), REFUSED, ids=[m for _, m in REFUSED])
+def test_validators_refuse_with_what_to_change(axolotl_env, workdir, overrides, message):
+    config = {**_config(workdir, "refused", SFTKEY_ON), **copy.deepcopy(overrides)}
+    with pytest.raises(Exception) as error:
+        axolotl_env(config)
+    assert message in str(error.value)
+    if "must be in" not in message and "sftkey_mode" not in message:
+        assert "SFTKey (sftkey: true) cannot be used with" in str(error.value)
+
+
+def test_preview_command(axolotl_env, workdir):
+    """``axolotl sftkey-preview`` through Axolotl's own CLI group (the entry point resolved as installed, or
+    registered here the way ``axolotl.cli_commands`` would)."""
+    from axolotl.cli.main import cli
+    from axolotl.cli.plugins import PluginCommand
+    from click.testing import CliRunner
+
+    commands = cli.plugin_commands()
+    commands.setdefault("sftkey-preview", PluginCommand(target="sftkey_plugin.axolotl.preview:sftkey_preview"))
+    root = Path(workdir["root"])
+    config = _config(workdir, "preview", SFTKEY_ON)
+    unlisted = {k: v for k, v in config.items() if k != "plugins"}
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["sftkey-preview", str(_write(root / "preview.yml", unlisted)), "-n", "2", "--no-color"]
+    )
+    assert result.exit_code == 0, result.output
+    output = result.output
+    assert "WARNING: the config sets sftkey" in output and PLUGIN in output
+    assert f"SFTKey datasets[0] {workdir['data']} data: {N_RECORDS} examples, key span found in {N_RECORDS}" in output
+    assert "[tags " in output and "key of" in output
+    assert output.count("--- example ") == 2
+    answer = workdir["records"][0]["answer"]
+    assert "[[" in output and f"<Answer>{answer}</Answer><|im_end|>]]" in output
+
+    result = runner.invoke(cli, ["sftkey-preview", str(_write(root / "preview_on.yml", config)), "-n", "0"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING" not in result.output and "key span found in" in result.output
+
+
+def test_validator_refuses_fused_loss_in_weighted_mode(axolotl_env, workdir):
+    """Runs last of the validator tests: it registers the Liger plugin in Axolotl's plugin singleton."""
+    config = _config(workdir, "liger", {**SFTKEY_ON, "sftkey_mode": "weighted"})
+    config["plugins"] = [PLUGIN, "axolotl.integrations.liger.LigerPlugin"]
+    config["liger_fused_linear_cross_entropy"] = True
+    with pytest.raises(Exception, match="liger_fused_linear_cross_entropy: true in sftkey_mode: weighted"):
+        axolotl_env(config)
+    axolotl_env({**config, "sftkey_mode": "two_stage"})  # the fused loss is kept where no per-token loss is needed
