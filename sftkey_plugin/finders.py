@@ -40,12 +40,20 @@ def tags(
     example: Mapping[str, Any] | None = None,
     thinking_close: str = "</Thinking>",
     answer_open: str = "<Answer>",
+    answer_close: str = "</Answer>",
 ) -> list[Span]:
-    """The paper's format: everything after the last ``</Thinking>`` (or, without it, from the last ``<Answer>``)."""
+    """The paper's format: everything after the last ``</Thinking>`` (or, without it, from the last ``<Answer>``).
+
+    An answer block with nothing in it (``<Answer> </Answer>``) is no answer: training on bare tags is not SFTKey.
+    """
     if thinking_close in text:
-        return _after_last(text, thinking_close)
-    index = text.rfind(answer_open)
-    return [(index, len(text))] if index >= 0 else []
+        spans = _after_last(text, thinking_close)
+    else:
+        index = text.rfind(answer_open)
+        spans = [(index, len(text))] if index >= 0 else []
+    if spans and not text[spans[0][0] :].replace(answer_open, "").replace(answer_close, "").strip():
+        return []
+    return spans
 
 
 def think(text: str, *, example: Mapping[str, Any] | None = None, think_close: str = "</think>") -> list[Span]:
@@ -157,7 +165,8 @@ def field(
             f"The 'field' finder needs each record to have the answer field {answer_field!r} "
             "(set it with sftkey_finder_options: {answer_field: ...})."
         )
-    answer = str(example[answer_field]).strip()
+    value = example[answer_field]
+    answer = "" if value is None else str(value).strip()
     index = text.rfind(answer) if answer else -1
     return [(index, index + len(answer))] if index >= 0 else []
 

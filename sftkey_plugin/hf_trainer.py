@@ -71,6 +71,11 @@ class SFTKeyLossMixin:
             self._sftkey_outputs = output
 
     @property
+    def _sftkey_active(self) -> bool:
+        """False until ``_sftkey_setup`` ran (``sftkey`` off): every override then defers to the stock trainer."""
+        return getattr(self, "sftkey_callback", None) is not None
+
+    @property
     def sftkey_stage(self) -> int:
         """The stage of the optimizer step in progress (1: every completion token; 2: key tokens only)."""
         return self.sftkey_callback.stage(self.state.global_step)  # type: ignore[attr-defined]
@@ -80,13 +85,15 @@ class SFTKeyLossMixin:
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # type: ignore[no-untyped-def]
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
-        if num_items is not None and batches and self.sftkey_stage == STAGE_KEY_ONLY:
+        if self._sftkey_active and num_items is not None and batches and self.sftkey_stage == STAGE_KEY_ONLY:
             # Count the step's key tokens (all micro-batches, all processes) the way the trainer counts labels
             masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batches]
             num_items = self._get_num_items_in_batch(masked, device)  # type: ignore[attr-defined]
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if not self._sftkey_active:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         if SFTKEY_MASK not in inputs:
             raise KeyError(f"SFTKey: the batch has no {SFTKEY_MASK!r}; the data collator did not carry it.")
         key_mask = inputs.pop(SFTKEY_MASK)
@@ -152,7 +159,7 @@ class SFTKeyLossMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        sums = self._sftkey_sums.pop(mode, None)
+        sums = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
         if sums is not None:
             stage, sums = int(self._sftkey_sums.pop(f"{mode}_stage")), sums.cpu()
             prefix = "eval_" if mode == "eval" else ""

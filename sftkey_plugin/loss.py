@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .masking import IGNORE_INDEX
+
 METRIC_PREFIX = "sftkey/"
 
 

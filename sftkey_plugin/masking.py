@@ -16,6 +16,8 @@ from typing import Any
 from .finders import match_key_spans
 from .hookspecs import Span
 
+IGNORE_INDEX = -100  # the label of a token without loss
+
 
 def spans_to_token_mask(
     offsets: Sequence[Sequence[int]], spans: Sequence[Span], edge_tokens: str = "include"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 FOUND = "found"
 MISSING = "missing"  # no finder found a key span (or the template hid the content)
 CUT = "cut"  # a key span was found but truncation to max_length removed some of its tokens
+NOT_LOCATED = "not_located"  # the finder value when the chat template altered the answer text
 
 
 @dataclass
@@ -24,6 +25,7 @@ class KeyDataStats:
     dropped: int = 0  # removed by sftkey_on_missing=drop
     emptied: int = 0  # dropped because truncation left no trained token (TRL's own rule, counted here too)
     kept_without_key: int = 0  # sftkey_on_missing=keep: trained in stage 1 only
+    not_located: int = 0  # missing because the chat template altered the answer text
     key_tokens: int = 0
     completion_tokens: int = 0
     by_finder: Counter[str] = field(default_factory=Counter)
@@ -45,8 +47,9 @@ class KeyDataStats:
             stats.cut += status == CUT
             stats.key_tokens += keys
             stats.completion_tokens += completion
-            if finder:
+            if finder and status != MISSING:
                 stats.by_finder[finder] += 1
+            stats.not_located += finder == NOT_LOCATED
         return stats
 
     def summary_line(self) -> str:
@@ -58,9 +61,10 @@ class KeyDataStats:
         parts = [
             f"SFTKey {self.name} data: {self.examples} examples, key span found in {self.found} ({share:.1f}%)"
             + (f" [{finders}]" if finders else ""),
-            f"{self.missing} without a key span",
-            f"{self.cut} answers cut by max_length",
-            f"{self.dropped} dropped (sftkey_on_missing=drop)",
+            f"{self.missing} without a key span"
+            + (f" ({self.not_located} altered by the chat template)" if self.not_located else ""),
+            f"{self.cut} answers cut by truncation",
+            f"{self.dropped} dropped",
             f"{self.kept_without_key} kept without key tokens",
             f"{self.emptied} emptied by truncation",
             f"{self.key_tokens / per_example:.1f} key of {self.completion_tokens / per_example:.1f} trained tokens per "

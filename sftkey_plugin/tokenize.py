@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SFTKeyArguments
-from .masking import KeyMask, key_mask_for_completion
-
-NOT_LOCATED = "not_located"  # the chat template altered the assistant content, so its spans cannot be placed
+from .masking import IGNORE_INDEX, KeyMask, key_mask_for_completion
+from .stats import NOT_LOCATED
 
 
 @dataclass
@@ -52,24 +51,67 @@ def require_fast_tokenizer(tokenizer: Any) -> None:
         )
 
 
-def _last_assistant_content(messages: list[Mapping[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "assistant":
-            content = message.get("content")
+# Private-use characters: never in real data, and no chat template has a reason to touch them
+SENTINEL = "\ue000SFTKEY\ue001"
+
+
+def _record_form(example: Mapping[str, Any], text_field: str) -> str:
+    """``messages``, ``chat_prompt_completion``, ``prompt_completion`` or ``text``; a clear error for anything else."""
+    accepted = (
+        f"SFTKey reads records with 'messages' (a list of chat messages), 'prompt' and 'completion' (both strings or "
+        f"both message lists), or a string '{text_field}' field."
+    )
+    if "messages" in example:
+        messages = example["messages"]
+        if isinstance(messages, list) and all(isinstance(m, Mapping) for m in messages):
+            return "messages"
+        raise ValueError(
+            f"'messages' must be a list of {{role, content}} messages, not {type(messages).__name__}. {accepted}"
+        )
+    if "prompt" in example or "completion" in example:
+        prompt, completion = example.get("prompt"), example.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return "chat_prompt_completion"
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return "prompt_completion"
+        raise ValueError(
+            f"'prompt' and 'completion' must both be strings or both message lists, got {type(prompt).__name__} "
+            f"and {type(completion).__name__}. {accepted}"
+        )
+    if isinstance(example.get(text_field), str):
+        return "text"
+    raise ValueError(f"SFTKey cannot read a record with columns {sorted(example)}. {accepted}")
+
+
+def _last_assistant_index(messages: list[Mapping[str, Any]]) -> int:
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "assistant":
+            content = messages[index].get("content")
             if isinstance(content, str):
-                return content
+                return index
             raise ValueError(
                 f"SFTKey expects the assistant message content to be a string, not {type(content).__name__}."
             )
     raise ValueError("SFTKey found no assistant message in a conversational record: there is no answer to mark.")
 
 
-def _locate(rendered: str, content: str) -> tuple[str, int] | None:
-    """Where the chat template put the assistant content: the last verbatim occurrence (or of its stripped form)."""
-    for candidate in (content, content.strip()):
-        index = rendered.rfind(candidate) if candidate else -1
-        if index >= 0:
-            return candidate, index
+def _locate(
+    tokenizer: Any, conversation: list[Mapping[str, Any]], index: int, rendered: str, template_kwargs: dict[str, Any]
+) -> tuple[str, int] | None:
+    """Where the chat template put message ``index``'s content: found by rendering a sentinel in its place, so a
+    short answer is never matched inside other text. Templates that trim the content are allowed."""
+    probe = [*conversation[:index], {**conversation[index], "content": SENTINEL}, *conversation[index + 1 :]]
+    probe_text = tokenizer.apply_chat_template(probe, tokenize=False, **template_kwargs)
+    content = conversation[index]["content"]
+    candidates = {content, content.strip(), content.rstrip(), content.lstrip()} - {""}
+    position = probe_text.find(SENTINEL)
+    while position >= 0:  # the occurrence with the real render's text before and after it (data may hold one too)
+        tail = probe_text[position + len(SENTINEL) :]
+        if probe_text[:position] == rendered[:position] and rendered.endswith(tail):
+            middle = rendered[position : len(rendered) - len(tail)]
+            if middle in candidates:
+                return middle, position
+        position = probe_text.find(SENTINEL, position + 1)
     return None
 
 
@@ -103,26 +145,22 @@ def tokenize_with_key_mask(
             "tools": json.loads(tools) if isinstance(tools, str) else tools,
             **(example.get("chat_template_kwargs") or {}),
         }
-    if "messages" in example and isinstance(example["messages"], list):
+    form = _record_form(example, text_field)
+    conversation: list[Mapping[str, Any]] | None = None
+    prompt_text: str | None = None
+    if form == "messages":
         conversation = example["messages"]
-        completion = _last_assistant_content(conversation)
-        prompt_text = None
-    elif "prompt" in example and isinstance(example["prompt"], list):
+        answer_index = _last_assistant_index(conversation)
+    elif form == "chat_prompt_completion":
         conversation = example["prompt"] + example["completion"]
-        completion = _last_assistant_content(example["completion"])
+        answer_index = len(example["prompt"]) + _last_assistant_index(example["completion"])
         prompt_text = tokenizer.apply_chat_template(
             example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
         )
+    elif form == "prompt_completion":
+        prompt_text, completion = example["prompt"], example["completion"]
     else:
-        conversation = None
-        if "prompt" in example:
-            prompt_text, completion = example["prompt"], example["completion"]
-        else:
-            prompt_text, completion = None, example[text_field]
-        if not isinstance(completion, str) or not isinstance(prompt_text or "", str):
-            raise ValueError(
-                f"SFTKey expects string prompt/completion/{text_field} fields, got {type(completion).__name__}."
-            )
+        completion = example[text_field]
 
     if conversation is not None:
         text = tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs)
@@ -138,7 +176,7 @@ def tokenize_with_key_mask(
             output["assistant_masks"] = list(encoded["assistant_masks"])
         else:
             encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        located = _locate(text, completion)
+        located = _locate(tokenizer, conversation, answer_index, text, template_kwargs)
     else:
         # TRL appends EOS to non-conversational completions (or texts) that lack it
         prefix = prompt_text or ""
@@ -173,3 +211,59 @@ def tokenize_with_key_mask(
         output["sftkey_finder"] = key.finder or ""
     output["sftkey_mask"] = key.mask
     return output
+
+
+def _last_trained_segment(labels: list[int]) -> tuple[int, int] | None:
+    """``[start, end)`` of the last run of trained tokens (the final answer turn), or None when nothing is trained."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if end == 0:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
+def key_mask_from_token_ids(
+    input_ids: list[int], labels: list[int], tokenizer: Any, marking: MarkingOptions
+) -> tuple[list[int], str]:
+    """The key mask of an already tokenised example (any prompt format), and the finder that matched.
+
+    The completion is the last run of trained tokens, without trailing special tokens. It is decoded, and the text
+    re-tokenised with offsets: only when that gives back the same ids is the mask placed (exactly); otherwise the
+    status is ``not_located``. Returns ``("", ...)`` status when no finder matched.
+    """
+    mask = [0] * len(input_ids)
+    segment = _last_trained_segment(labels)
+    special = set(tokenizer.all_special_ids)
+    if segment is None:
+        return mask, ""
+    start, end = segment
+    while end > start and input_ids[end - 1] in special:
+        end -= 1
+    ids = list(input_ids[start:end])
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != ids:
+        return mask, NOT_LOCATED
+    key = key_mask_for_completion(
+        text=text,
+        input_ids=ids,
+        offsets=encoded["offset_mapping"],
+        completion=text,
+        completion_start=0,
+        finder=marking.finder,
+        finder_options=marking.finder_options,
+    )
+    mask[start:end] = key.mask
+    if marking.include_eos and 1 in key.mask and end < len(input_ids) and input_ids[end] == tokenizer.eos_token_id:
+        mask[end] = 1
+    return mask, key.finder or ""
+
+
+def mark_token_ids(example: Mapping[str, Any], tokenizer: Any, marking: MarkingOptions) -> dict[str, Any]:
+    """``Dataset.map`` form of ``key_mask_from_token_ids``: adds ``sftkey_mask`` and ``sftkey_finder``."""
+    mask, finder = key_mask_from_token_ids(list(example["input_ids"]), list(example["labels"]), tokenizer, marking)
+    return {"sftkey_mask": mask, "sftkey_finder": finder}

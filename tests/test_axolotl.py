@@ -79,6 +79,8 @@ RUNS = {
         "sftkey_key_weight": 1.0,
         "sftkey_other_weight": 1.0,
     },
+    # an instruction-style dataset: marked by the trainer from Axolotl's own tokens
+    "alpaca": {**SFTKEY_ON, "datasets": "ALPACA"},
 }
 
 
@@ -102,13 +104,20 @@ def workdir(tmp_path_factory, tiny_dir):
     records = arithmetic_records(N_RECORDS, seed=1, form="messages")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return {"root": root, "data": str(data), "records": records, "tiny_dir": tiny_dir}
+    alpaca = root / "alpaca.jsonl"
+    rows = [{"instruction": r["prompt"], "input": "", "output": r["completion"]}
+            for r in arithmetic_records(N_RECORDS, seed=2, form="prompt_completion_text")]  # fmt: skip
+    alpaca.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {"root": root, "data": str(data), "alpaca": str(alpaca), "records": records, "tiny_dir": tiny_dir}
 
 
 def _config(workdir, name: str, overrides: dict) -> dict:
     root = workdir["root"]
     config = _base_config(workdir["tiny_dir"], workdir["data"], str(root / "prepared"), str(root / f"out_{name}"))
     config.update(copy.deepcopy(overrides))
+    if config["datasets"] == "ALPACA":
+        config["datasets"] = [{"path": workdir["alpaca"], "ds_type": "json", "type": "alpaca"}]
+        config["dataset_prepared_path"] = str(root / "prepared_alpaca")  # apart from the chat datasets checked below
     return config
 
 
@@ -173,7 +182,7 @@ def test_plugin_off_logs_no_sftkey_metrics(runs):
         assert "SFTKey" not in runs[name]["output"]
 
 
-@pytest.mark.parametrize("name", ["on", "on_ga", "on_packed"])
+@pytest.mark.parametrize("name", ["on", "on_ga", "on_packed", "alpaca"])
 def test_stage_switches_at_configured_step(runs, name):
     logs = _train_logs(runs[name]["history"])
     assert [entry["sftkey/stage"] for entry in logs] == [1, 1, 2, 2]
@@ -361,7 +370,10 @@ REFUSED = [
     ({"excess_length_strategy": "truncate"}, "excess_length_strategy: truncate"),
     ({"use_eaft": True}, "use_eaft: true"),
     ({"trainer_cls": "my.Trainer"}, "trainer_cls"),
-    ({"datasets": [{"path": "x.jsonl", "ds_type": "json", "type": "alpaca"}]}, "type: alpaca"),
+    (
+        {"sftkey_on_missing": "drop", "datasets": [{"path": "x.jsonl", "ds_type": "json", "type": "alpaca"}]},
+        "sftkey_on_missing: drop and datasets[0].type: alpaca",
+    ),
     ({"sftkey_stage2_ratio": 2.0}, "sftkey_stage2_ratio must be in"),
     ({"sftkey_mode": "fancy"}, "sftkey_mode"),
 ]

@@ -226,7 +226,7 @@ def test_on_missing_keep_counts_and_trains_without_key_tokens(tiny_dir, tmp_path
     masks = trainer.train_dataset["sftkey_mask"]
     assert len(masks) == 10 and sum(1 for m in masks if 1 not in m) == 4
     assert all(len(m) <= 96 for m in masks)
-    assert "2 answers cut by max_length" in stats.summary_line()
+    assert "2 answers cut by truncation" in stats.summary_line()
 
 
 def test_on_missing_drop_and_error(tiny_dir, tmp_path):
@@ -284,9 +284,14 @@ def test_evaluation_scores_every_completion_token_and_logs_both_parts(tiny_dir, 
 
 def test_sftkey_off_leaves_the_trainer_stock(tiny_dir, tmp_path):
     records = arithmetic_records(8, seed=11, form="prompt_completion")
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=False)
+    trainer = trainer_for(tiny_dir, records, tmp_path / "off", sftkey=False, max_steps=2)
     assert "sftkey_mask" not in trainer.train_dataset.column_names
     assert not any(isinstance(cb, SFTKeyCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.train()
+    stock = trainer_for(tiny_dir, records, tmp_path / "stock", trl.SFTTrainer, max_steps=2)
+    stock.train()
+    assert losses(trainer) == losses(stock)
+    assert not any(key.startswith("sftkey/") for h in trainer.state.log_history for key in h)
 
 
 def test_unsupported_settings_are_refused(tiny_dir, tmp_path):

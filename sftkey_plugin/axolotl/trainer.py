@@ -20,6 +20,7 @@ from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arg
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
 from ..stats import FOUND, MISSING, KeyDataStats
+from ..tokenize import MarkingOptions, mark_token_ids
 from .strategy import SFTKEY_FINDER
 
 logger = logging.getLogger("sftkey_plugin")
@@ -37,7 +38,7 @@ def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
         for labels, mask, finder in zip(batch["labels"], batch[SFTKEY_MASK], names):
             n_key = int(sum(mask))
             statuses.append(FOUND if n_key else MISSING)
-            finders.append(finder if n_key else "")
+            finders.append(finder)
             keys.append(n_key)
             trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
     return KeyDataStats.from_columns(name, statuses, finders, keys, trained)
@@ -59,11 +60,6 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
     def __init__(self, *args: Any, sftkey_arguments: SFTKeyArguments | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sftkey_configured = False
-        self._sftkey_pending_stats = [
-            self._sftkey_prepare_dataset(name)
-            for name in ("train_dataset", "eval_dataset")
-            if getattr(self, name, None) is not None
-        ]
         self._sftkey_wrap_collators()
         # Axolotl 0.19 switches num_items_in_batch off for every model whose *inner* model lacks the parameter:
         # the loss is then a mean per micro-batch (not exact under gradient accumulation, and NaN for a stage-2
@@ -75,19 +71,26 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         if sftkey_arguments is not None:
             self.sftkey_configure(sftkey_arguments)
 
-    def _sftkey_prepare_dataset(self, attribute: str) -> KeyDataStats:
+    def _sftkey_prepare_dataset(self, attribute: str, arguments: SFTKeyArguments) -> KeyDataStats:
         dataset = getattr(self, attribute)
         name = "train" if attribute == "train_dataset" else "eval"
-        if SFTKEY_MASK not in getattr(dataset, "column_names", []):
-            raise ValueError(
-                f"SFTKey: the {name} dataset has no {SFTKEY_MASK!r} column. Give each dataset type: chat_template "
-                "(or sftkey_plugin.axolotl.strategy) with sftkey: true, or pre-tokenise it with a sftkey_mask column; "
-                "a dataset prepared before the plugin was enabled is not reused (dataset_prepared_path gets a "
-                "sftkey-<hash> suffix)."
+        if SFTKEY_MASK not in dataset.column_names:
+            # Rows of a type other than chat_template (alpaca, completion, input_output, pre-tokenised): marked from
+            # their own tokens, since only Axolotl's prompt strategy knew the text
+            dataset = dataset.map(
+                mark_token_ids,
+                fn_kwargs={"tokenizer": self.processing_class, "marking": MarkingOptions.from_arguments(arguments)},
+                desc=f"SFTKey marking {name} rows",
             )
         stats = dataset_stats(dataset, name)
+        if stats.missing and arguments.sftkey_on_missing == "error":
+            raise ValueError(
+                f"SFTKey: {stats.missing} of {stats.examples} {name} examples have no key span. Fix the data, choose "
+                "another sftkey_finder, or set sftkey_on_missing: keep."
+            )
         if SFTKEY_FINDER in dataset.column_names:
-            setattr(self, attribute, dataset.remove_columns([SFTKEY_FINDER]))
+            dataset = dataset.remove_columns([SFTKEY_FINDER])
+        setattr(self, attribute, dataset)
         return stats
 
     def _sftkey_wrap_collators(self) -> None:
@@ -111,7 +114,11 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         validate_sftkey_arguments(arguments)
         # The top-level module: PEFT calls the base model's ``forward`` directly, which skips its hooks
         self._sftkey_setup(arguments, self.model)
-        self.sftkey_callback.data_stats = list(self._sftkey_pending_stats)
+        self.sftkey_callback.data_stats = [
+            self._sftkey_prepare_dataset(name, arguments)
+            for name in ("train_dataset", "eval_dataset")
+            if getattr(self, name, None) is not None
+        ]
         self._sftkey_configured = True
 
     def train(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arg
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
-from ..stats import CUT, FOUND, MISSING, KeyDataStats
-from ..tokenize import MarkingOptions, require_fast_tokenizer, tokenize_with_key_mask
+from ..stats import CUT, FOUND, MISSING, NOT_LOCATED, KeyDataStats
+from ..tokenize import MarkingOptions, mark_token_ids, require_fast_tokenizer, tokenize_with_key_mask
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -29,7 +29,7 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
     trained = [int(label != IGNORE_INDEX) for label in example["labels"]]
     mask = [m & t for m, t in zip(example[SFTKEY_MASK], trained)]
     kept = mask[keep]
-    if not example["sftkey_finder"] or example["sftkey_finder"] == "not_located" or 1 not in mask:
+    if not example["sftkey_finder"] or example["sftkey_finder"] == NOT_LOCATED or 1 not in mask:
         status = MISSING
     else:
         status = CUT if sum(kept) < sum(mask) else FOUND
@@ -98,12 +98,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             dataset = self._sftkey_tokenize(
                 dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs
             )
-        elif SFTKEY_MASK not in dataset.column_names:
-            raise ValueError(
-                f"SFTKey: the pre-tokenised {dataset_name} dataset has no {SFTKEY_MASK!r} column; pass raw records "
-                "(messages, prompt/completion or text) so SFTKey can mark the key tokens, or add the column yourself."
-            )
-        else:
+        elif SFTKEY_MASK in dataset.column_names:
             dataset = dataset.map(lambda _: {"sftkey_finder": "pretokenized"}, **map_kwargs)
 
         # TRL builds the labels from the masks (completion_only_loss, assistant_only_loss); truncation, packing and
@@ -111,6 +106,13 @@ class SFTKeyMixin(SFTKeyLossMixin):
         plain = copy.copy(args)
         plain.max_length, plain.shuffle_dataset = None, False
         dataset = super()._prepare_dataset(dataset, processing_class, plain, False, None, dataset_name)  # type: ignore[misc]
+        if SFTKEY_MASK not in dataset.column_names:  # pre-tokenised without a mask: marked from its own tokens
+            dataset = dataset.map(
+                mark_token_ids,
+                fn_kwargs={"tokenizer": tokenizer, "marking": MarkingOptions.from_arguments(arguments)},
+                desc=f"SFTKey marking pre-tokenised {dataset_name}",
+                **map_kwargs,
+            )
 
         truncates = args.max_length is not None and (not packing or args.packing_strategy == "bfd")
         keep = truncation_slice(

@@ -1,0 +1,157 @@
+"""Training runs shared by ``test_reliability.py`` and its subprocesses (a 2-process launch, a run that gets killed).
+
+``torchrun --nproc_per_node 2 tests/multiprocess_worker.py modes TINY_DIR OUT_DIR``: every SFTKey mode on 2 CPU
+processes (gloo), saved to ``OUT_DIR/<mode>.pt``.
+``python tests/multiprocess_worker.py interrupt TINY_DIR OUT_DIR READY_FILE``: a two-stage run that stalls right
+after writing its stage-2 checkpoint, so the test can kill it with a real signal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from test_trl import PER_TOKEN, trainer_for
+from transformers import TrainerCallback
+
+from sftkey_plugin import SFTKeyTrainer
+from sftkey_plugin.examples import arithmetic_records
+
+GLOBAL_BATCH = 4
+STEPS = 4
+MODES: dict[str, dict[str, Any]] = {
+    # two_stage crosses the switch: steps 1-2 every completion token, steps 3-4 key tokens only
+    "two_stage": {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 2},
+    "key_only": {"sftkey_mode": "key_only"},
+    "weighted": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0, "sftkey_other_weight": 0.5, **PER_TOKEN},
+}
+# With 2 processes and 2 rows each, step k gives rows 4k, 4k+1 to process 0 and rows 4k+2, 4k+3 to process 1
+# (sequential sampler, accelerate's batch sharding). These rows have no key span: process 1 has no key token in
+# steps 1 and 3, and step 4 has none on either process.
+KEYLESS_ROWS = frozenset({2, 3, 10, 11, 12, 13, 14, 15})
+
+INTERRUPT_STEPS = 6
+INTERRUPT_AT = 4  # checkpoint-4 is in stage 2 (stage 2 starts after step 2); the kill comes during step 5
+INTERRUPT_ARGS: dict[str, Any] = {
+    "sftkey": True,
+    "sftkey_mode": "two_stage",
+    "sftkey_stage2_steps": 2,
+    "max_steps": INTERRUPT_STEPS,
+    "save_steps": 2,
+}
+
+
+def keyless_record(index: int) -> dict[str, Any]:
+    """A conversational record whose completion has no recognisable answer (length varies with ``index``)."""
+    return {
+        "prompt": [{"role": "user", "content": "Say hello."}],
+        "completion": [{"role": "assistant", "content": "Hello" + " there" * (index % 3) + "."}],
+    }
+
+
+def mixed_records(n: int = GLOBAL_BATCH * STEPS, seed: int = 21) -> list[dict[str, Any]]:
+    """Tagged arithmetic records, with ``KEYLESS_ROWS`` replaced by records that have no key span."""
+    records = arithmetic_records(n, seed=seed, form="prompt_completion")
+    plain = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+    return [keyless_record(i) if i in KEYLESS_ROWS else r for i, r in enumerate(plain)]
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps a copy of every optimizer step's (already all-reduced, unclipped) gradients."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class RecordingTrainer(SFTKeyTrainer):
+    """``SFTKeyTrainer`` that notes, per micro-batch, this process's key-token count, stage and loss."""
+
+    micro_batches: list[dict[str, Any]]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if self.model.training:
+            key = (inputs["sftkey_mask"][:, 1:] == 1) & (inputs["labels"][:, 1:] != -100)
+            record = {"step": self.state.global_step, "stage": self.sftkey_stage, "key_tokens": int(key.sum())}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:
+            loss = result[0] if return_outputs else result
+            self.micro_batches = [*getattr(self, "micro_batches", []), {**record, "loss": float(loss.detach())}]
+        return result
+
+
+def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[str, Any]:
+    """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights."""
+    recorder = GradientRecorder()
+    trainer = trainer_for(
+        tiny_dir,
+        mixed_records(),
+        out,
+        trainer_cls=RecordingTrainer,
+        sftkey=True,
+        sftkey_on_missing="keep",
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device_batch,
+        max_grad_norm=0.0,  # compare raw gradients, not clipped ones
+        **MODES[mode],
+    )
+    trainer.add_callback(recorder)
+    trainer.train()
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
+        "grads": recorder.steps,
+        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "micro_batches": trainer.micro_batches,
+    }
+
+
+def main_modes(tiny_dir: str, out_dir: str) -> None:
+    """Every mode on this process group; rank 0 keeps the shared results, every rank its own micro-batches."""
+    rank = int(os.environ.get("RANK", "0"))
+    for mode in MODES:
+        result = run_mode(tiny_dir, str(Path(out_dir) / f"run-{mode}"), mode, GLOBAL_BATCH // 2)
+        if rank == 0:
+            torch.save(result, Path(out_dir) / f"{mode}.pt")
+        torch.save(result["micro_batches"], Path(out_dir) / f"{mode}-rank{rank}.pt")
+
+
+class StallAfterCheckpoint(TrainerCallback):
+    """Once checkpoint-``step`` is on disk, announce it and hang in the next step until the test kills us."""
+
+    def __init__(self, step: int, ready_file: str) -> None:
+        self.step, self.ready_file = step, ready_file
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            Path(self.ready_file).write_text(str(os.getpid()))
+            time.sleep(600)
+        return control
+
+
+def interrupt_records() -> list[dict[str, Any]]:
+    """The data of the interrupted run (6 steps of 4 rows)."""
+    return arithmetic_records(INTERRUPT_STEPS * GLOBAL_BATCH, seed=22, form="prompt_completion")
+
+
+def main_interrupt(tiny_dir: str, out_dir: str, ready_file: str) -> None:
+    """The run that gets killed: two_stage with checkpoints every 2 steps, stalling after checkpoint-4."""
+    trainer = trainer_for(tiny_dir, interrupt_records(), out_dir, save_strategy="steps", **INTERRUPT_ARGS)
+    trainer.add_callback(StallAfterCheckpoint(INTERRUPT_AT, ready_file))
+    trainer.train()
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    {"modes": main_modes, "interrupt": main_interrupt}[command](*arguments)
