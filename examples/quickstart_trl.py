@@ -1,6 +1,6 @@
 """SFTKey in a real TRL run on CPU: a tiny model, generated chain-of-thought data, the paper's two stages.
 
-    python examples/quickstart_trl.py [--steps 40] [--output-dir outputs/quickstart]
+python examples/quickstart_trl.py [--steps 40] [--output-dir outputs/quickstart]
 """
 
 from __future__ import annotations

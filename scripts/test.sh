@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 WANDB_DISABLED=true
 bash scripts/setup_env.sh trl
 bash scripts/setup_env.sh axolotl
-.venvs/trl/bin/ruff check sftkey_plugin tests
+.venvs/trl/bin/ruff check sftkey_plugin tests recipes benchmarks examples
+.venvs/trl/bin/ruff format --check sftkey_plugin tests recipes benchmarks examples
 .venvs/trl/bin/mypy
 echo "== newest TRL ($(.venvs/trl/bin/python -c 'import trl; print("trl", trl.__version__)'))"
 .venvs/trl/bin/python -m pytest -q -p no:cacheprovider

@@ -13,6 +13,14 @@ CUT = "cut"  # a key span was found but truncation to max_length removed some of
 NOT_LOCATED = "not_located"  # the finder value when the chat template altered the answer text
 
 
+def key_status(finder: str, key_mask: list[int], keep: slice) -> str:
+    """``MISSING`` (no finder matched, the template altered the answer, or no trained key token), ``CUT`` (truncation
+    to ``keep`` removes some key tokens) or ``FOUND``; ``key_mask`` holds trained key tokens only."""
+    if not finder or finder == NOT_LOCATED or 1 not in key_mask:
+        return MISSING
+    return CUT if sum(key_mask[keep]) < sum(key_mask) else FOUND
+
+
 @dataclass
 class KeyDataStats:
     """What key marking did to one dataset, before and after the ``sftkey_on_missing`` policy."""

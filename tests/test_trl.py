@@ -261,6 +261,25 @@ def test_lora_with_packing_trains_and_logs_key_metrics(tiny_dir, tmp_path):
     assert all("sftkey/reasoning_loss" in h for h in trainer.state.log_history if h.get("sftkey/stage") == 1)
 
 
+def test_lora_weighted_one_one_is_stock_lora(tiny_dir, tmp_path):
+    """Through PEFT the per-token losses still reach SFTKey (weighted needs them), and 1.0/1.0 is stock LoRA SFT."""
+    from peft import LoraConfig
+
+    records = arithmetic_records(16, seed=13, form="prompt_completion")
+    runs = []
+    for name, cls, extra in [("stock", trl.SFTTrainer, {}), ("key", SFTKeyTrainer, {"sftkey": True})]:
+        # task_type CAUSAL_LM (as TRL's ModelConfig sets it): PEFT then calls the base model's forward directly
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="olora", task_type="CAUSAL_LM"
+        )
+        trainer = trainer_for(tiny_dir, records, tmp_path / name, cls, peft_config=lora, sftkey_mode="weighted",
+                              **extra, **PER_TOKEN)  # fmt: skip
+        trainer.train()
+        runs.append(trainer)
+    assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-6)
+    assert all("sftkey/key_loss" in h for h in runs[1].state.log_history if "loss" in h)
+
+
 def test_evaluation_scores_every_completion_token_and_logs_both_parts(tiny_dir, tmp_path):
     records = arithmetic_records(8, seed=10, form="prompt_completion")
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,7 +6,6 @@ import copy
 import logging
 from typing import Any
 
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl import SFTTrainer
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
@@ -16,7 +15,7 @@ from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arg
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
-from ..stats import CUT, FOUND, MISSING, NOT_LOCATED, KeyDataStats
+from ..stats import CUT, FOUND, KeyDataStats, key_status
 from ..tokenize import MarkingOptions, mark_token_ids, require_fast_tokenizer, tokenize_with_key_mask
 
 logger = logging.getLogger("sftkey_plugin")
@@ -29,15 +28,11 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
     trained = [int(label != IGNORE_INDEX) for label in example["labels"]]
     mask = [m & t for m, t in zip(example[SFTKEY_MASK], trained)]
     kept = mask[keep]
-    if not example["sftkey_finder"] or example["sftkey_finder"] == NOT_LOCATED or 1 not in mask:
-        status = MISSING
-    else:
-        status = CUT if sum(kept) < sum(mask) else FOUND
     return {
         "input_ids": example["input_ids"][keep],
         "labels": example["labels"][keep],
         SFTKEY_MASK: kept,
-        "sftkey_status": status,
+        "sftkey_status": key_status(example["sftkey_finder"], mask, keep),
         "sftkey_key_tokens": sum(kept),
         "sftkey_completion_tokens": sum(trained[keep]),
     }
@@ -57,8 +52,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
         self._sftkey_reject_unsupported()
         # Installed after __init__, where TRL also forbids a custom collator with padding-free (which we support)
         self.data_collator = SFTKeyDataCollator(self.data_collator)
-        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        self._sftkey_setup(arguments, base)
+        # The top-level model: PEFT calls its base model's ``forward`` directly, which skips hooks registered there
+        self._sftkey_setup(arguments, self.model)
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
 
     def _sftkey_reject_unsupported(self) -> None:

@@ -1,0 +1,145 @@
+"""Accuracy at equal compute: does SFTKey beat plain SFT when both get the same optimizer steps?
+
+Arms (each trained from the same initial weights, on the same data and batches, per seed):
+    sft_short   plain SFT for the stage-1 steps only (what SFTKey's stage 2 starts from)
+    sft_equal   plain SFT for all the steps: the equal-compute baseline reviewers asked for
+    two_stage   SFTKey as in the paper (stage 2 after --stage2-ratio of the steps)
+    key_only    loss on the key tokens only from the start (the paper's Key-Tag ablation)
+    weighted    one stage, key tokens x --key-weight
+Tasks: ``arithmetic`` (the demo's task; the answer repeats the last reasoning line) and ``choice`` (the answer is
+the letter of the option equal to the computed value: not a copy). Every arm is scored on the same held-out
+questions; differences against ``sft_equal`` get a paired bootstrap CI, pooled over seeds.
+
+    python benchmarks/reproduce.py [--tasks arithmetic,choice] [--seeds 0,1,2] [--steps 800] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ARMS = ("sft_short", "sft_equal", "two_stage", "key_only", "weighted")
+
+
+def arm_settings(arm: str, options: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
+    """The arm's ``sftkey_*`` settings (None: stock SFT) and its number of optimizer steps."""
+    stage1 = round(options.stage2_ratio * options.steps)
+    return {
+        "sft_short": (None, stage1),
+        "sft_equal": (None, options.steps),
+        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": options.stage2_ratio}, options.steps),
+        "key_only": ({"sftkey_mode": "key_only"}, options.steps),
+        "weighted": ({"sftkey_mode": "weighted", "sftkey_key_weight": options.key_weight}, options.steps),
+    }[arm]
+
+
+def paired_bootstrap(a: list[int], b: list[int], samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``b - a`` over paired items and its 95% bootstrap interval."""
+    rng = random.Random(seed)
+    diffs = [y - x for x, y in zip(a, b)]
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples))
+    return statistics.fmean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
+def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train and score every arm for one task and seed; per-item correctness and format for each arm."""
+    import torch
+
+    from sftkey_plugin.cli.demo import _quiet_libraries, make_splits, train_arm
+    from sftkey_plugin.cli.evaluate import evaluate_records
+    from sftkey_plugin.tiny import build_model, build_tokenizer
+
+    _quiet_libraries()
+    torch.set_num_threads(options.threads)
+    train, test = make_splits(task, options.train_size, options.test_size, options.terms, 1, seed)
+    texts = [r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"] for r in train]
+    out = work / f"{task}-seed{seed}"
+    tokenizer = build_tokenizer(str(out / "init"), vocab_size=300, texts=texts, split_digits=True)
+    build_model(str(out / "init"), len(tokenizer), seed=seed, hidden_size=options.hidden_size, layers=options.layers)
+    demo_args = argparse.Namespace(
+        output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+        seed=seed,
+    )  # fmt: skip
+    results = {}
+    for arm in options.arms:
+        sftkey, steps = arm_settings(arm, options)
+        started = time.perf_counter()
+        model, _ = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, sftkey, steps)
+        rows, summary = evaluate_records(model, tokenizer, test, batch_size=64, max_new_tokens=64)
+        results[arm] = {
+            "correct": [int(r["correct"]) for r in rows],
+            "format": [int(r["format_ok"]) for r in rows],
+            "accuracy": summary["accuracy"],
+            "format_accuracy": summary["format_accuracy"],
+            "steps": steps,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        print(f"{task:>10} seed {seed} {arm:<10} accuracy {summary['accuracy']:.3f} format "
+              f"{summary['format_accuracy']:.3f} ({results[arm]['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="arithmetic,choice")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the equal-compute arms")
+    parser.add_argument("--stage2-ratio", type=float, default=0.8, help="two_stage; also sft_short's share of steps")
+    parser.add_argument("--key-weight", type=float, default=3.0, help="weighted arm")
+    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--terms", type=int, default=4, help="numbers per question (the demo uses 3)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write every per-item result and the summary here")
+    options = parser.parse_args()
+    options.arms = options.arms.split(",")
+    work = Path(tempfile.mkdtemp(prefix="sftkey-reproduce-"))
+
+    runs = {(task, int(seed)): run_task(task, int(seed), options, work)
+            for task in options.tasks.split(",") for seed in options.seeds.split(",")}  # fmt: skip
+    summary = []
+    for task in options.tasks.split(","):
+        per_seed = [runs[key] for key in runs if key[0] == task]
+        for arm in options.arms:
+            row = {
+                "task": task,
+                "arm": arm,
+                "steps": per_seed[0][arm]["steps"],
+                "accuracy": statistics.fmean(r[arm]["accuracy"] for r in per_seed),
+                "accuracy_by_seed": [r[arm]["accuracy"] for r in per_seed],
+                "format_accuracy": statistics.fmean(r[arm]["format_accuracy"] for r in per_seed),
+            }
+            if arm != "sft_equal" and "sft_equal" in options.arms:
+                base = [c for r in per_seed for c in r["sft_equal"]["correct"]]
+                mine = [c for r in per_seed for c in r[arm]["correct"]]
+                row["diff_vs_sft_equal"] = paired_bootstrap(base, mine)
+            summary.append(row)
+    print(f"\n{'task':<11}{'arm':<11}{'steps':>6}{'accuracy':>10}{'by seed':>22}{'format':>8}  vs sft_equal [95% CI]")
+    for row in summary:
+        diff = row.get("diff_vs_sft_equal")
+        versus = f"  {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else ""
+        seeds = " ".join(f"{a:.2f}" for a in row["accuracy_by_seed"])
+        print(f"{row['task']:<11}{row['arm']:<11}{row['steps']:>6}{row['accuracy']:>10.3f}{seeds:>22}"
+              f"{row['format_accuracy']:>8.3f}{versus}")  # fmt: skip
+    if options.json:
+        Path(options.json).write_text(json.dumps({
+            "settings": {k: v for k, v in vars(options).items()}, "summary": summary,
+            "runs": {f"{t}/seed{s}": r for (t, s), r in runs.items()},
+        }, indent=1))  # fmt: skip
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Answer extraction (with the training finders), normalisation, equality and the paper's format check.
+
+Extraction runs the same finder as training (``match_key_spans``), then strips the span's markers
+(``<Answer>…</Answer>``, ``####``, ``\\boxed{}``, "The answer is") to the bare answer. Normalisation makes
+``1,000`` = ``1000``, ``$5`` = ``5``, ``0.50`` = ``1/2`` = ``\\frac{1}{2}``, ``(B)`` = ``B.`` = ``B``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from ..finders import answer_is, boxed, gsm8k, match_key_spans
+
+_FREE = r"(?:(?!</?Thinking>|</?Answer>).)*"
+# The paper's Fmt: exactly one thinking block, then one answer block, nothing else (each non-blank)
+FORMAT_PATTERN = rf"\s*<Thinking>(?P<reasoning>{_FREE})</Thinking>\s*<Answer>(?P<answer>{_FREE})</Answer>\s*"
+
+_ANSWER_PHRASE = re.compile(r"(?is)^(?:final answer:\s*)?(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*")
+_MATH_WRAP = re.compile(r"(?s)^(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*(?:%|[A-Za-z][A-Za-z .]*)?")
+_LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?|\(([a-z])\)|\(([A-Z])\)\s.*|([A-Z])[.:)]\s.*", re.S)
+
+
+@dataclass
+class Extraction:
+    """What was read from one output: the finder that matched, the raw key span, the bare answer."""
+
+    finder: str | None
+    span: str | None
+    answer: str | None
+
+
+def _inside_answer_tags(text: str) -> str:
+    """The content of the last ``<Answer>`` block (to ``</Answer>`` or the end), else the text unchanged."""
+    start = text.rfind("<Answer>")
+    if start >= 0:
+        text = text[start + len("<Answer>") :]
+        end = text.find("</Answer>")
+        return text[:end] if end >= 0 else text
+    end = text.rfind("</Answer>")
+    return text[:end] if end >= 0 else text
+
+
+def _unbox(span: str) -> str:
+    """``\\boxed{X}`` / ``\\fbox{X}`` / ``\\boxed X`` to ``X``."""
+    brace = span.find("{")
+    if brace >= 0 and span.endswith("}"):
+        return span[brace + 1 : -1]
+    return span.split(None, 1)[1] if " " in span else span
+
+
+def strip_markers(text: str) -> str:
+    """The bare answer in a key span: inside the answer tags, narrowed to a box / answer phrase / ``####`` line."""
+    answer = _inside_answer_tags(text.strip()).strip()
+    spans = boxed(answer)
+    if spans:
+        answer = _unbox(answer[spans[0][0] : spans[0][1]])
+    elif spans := answer_is(answer):
+        answer = _ANSWER_PHRASE.sub("", answer[spans[0][0] : spans[0][1]])
+    elif spans := gsm8k(answer):
+        answer = answer[spans[0][0] : spans[0][1]].lstrip("#")
+    answer = answer.strip().rstrip(".").strip()
+    wrapped = _MATH_WRAP.match(answer)
+    if wrapped:
+        answer = next(group for group in wrapped.groups() if group is not None).strip()
+    return answer
+
+
+def extract_answer(
+    text: str,
+    finder: str = "auto",
+    options: Mapping[str, Any] | None = None,
+    example: Mapping[str, Any] | None = None,
+) -> Extraction:
+    """Find the key span with the training finder and reduce it to the bare answer (None: no span, or blank)."""
+    name, spans = match_key_spans(text, finder, example, options)
+    if not spans:
+        return Extraction(None, None, None)
+    span = text[spans[-1][0] : spans[-1][1]]
+    answer = strip_markers(span)
+    return Extraction(name, span, answer or None)
+
+
+def _latex_to_plain(text: str) -> str:
+    """Undo the LaTeX that only dresses a value: ``\\frac{a}{b}``, ``\\text{}``, ``\\$``, ``\\%``, ``\\!``."""
+    text = _LATEX_TEXT.sub(r"\1", text)
+    text = _LATEX_FRAC.sub(r"(\1)/(\2)", text)
+    text = re.sub(r"\\[dt]?frac(\d)(\d)", r"\1/\2", text)
+    text = re.sub(r"\\left|\\right|\\[!,;: ]", "", text)
+    text = text.replace("\\$", "$").replace("\\%", "%").replace("^\\circ", "").replace("^{\\circ}", "")
+    return re.sub(r"\((-?[\d.]+)\)", r"\1", text)  # "(1)/(2)" from the fraction rule back to "1/2"
+
+
+def _as_number(text: str) -> str | None:
+    """Canonical exact value of a number, fraction or percentage (units after it ignored), else None."""
+    text = _THOUSANDS.sub("", text.replace("$", "").replace("\u2212", "-")).strip()
+    match = _NUMBER.fullmatch(text)
+    if not match:
+        return None
+    sign, numerator, denominator = match.groups()
+    value = Fraction(numerator)
+    if denominator is not None:
+        if Fraction(denominator) == 0:
+            return None
+        value /= Fraction(denominator)
+    return str(-value if sign == "-" else value)
+
+
+def _as_letter(text: str) -> str | None:
+    """A multiple-choice letter: ``B``, ``(B)``, ``B.``, ``B)``, ``(b)``, ``(B) 42``."""
+    match = _LETTER.fullmatch(text)
+    return next((group.upper() for group in match.groups() if group), None) if match else None
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """One canonical string per answer, so equal answers compare equal (None stays None)."""
+    if text is None:
+        return None
+    answer = _latex_to_plain(strip_markers(text)).strip().rstrip(".").strip()
+    answer = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer)  # "x = 5" answers the question "x?" with 5
+    if not answer:
+        return None
+    return _as_letter(answer) or _as_number(answer) or " ".join(answer.casefold().split())
+
+
+def answers_match(prediction: str | None, gold: str | None) -> bool:
+    """Whether a predicted answer equals the gold one after normalisation (no prediction is wrong)."""
+    predicted, expected = normalize_answer(prediction), normalize_answer(gold)
+    return predicted is not None and predicted == expected
+
+
+def format_ok(text: str, pattern: str | None = None) -> bool:
+    """The paper's format accuracy: the whole output has the tag structure, every named part non-blank."""
+    match = re.fullmatch(pattern or FORMAT_PATTERN, text, re.S)
+    return bool(match) and all(part is not None and part.strip() for part in match.groupdict().values())
