@@ -95,14 +95,18 @@ def _last_assistant_index(messages: list[Mapping[str, Any]]) -> int:
     raise ValueError("SFTKey found no assistant message in a conversational record: there is no answer to mark.")
 
 
-def _locate(
-    tokenizer: Any, conversation: list[Mapping[str, Any]], index: int, rendered: str, template_kwargs: dict[str, Any]
-) -> tuple[str, int] | None:
-    """Where the chat template put message ``index``'s content: found by rendering a sentinel in its place, so a
-    short answer is never matched inside other text. Templates that trim the content are allowed."""
+def _render_with_probe(
+    tokenizer: Any, conversation: list[Mapping[str, Any]], index: int, template_kwargs: dict[str, Any]
+) -> tuple[str, str]:
+    """The rendered conversation, and the same with message ``index``'s content replaced by the sentinel (one call)."""
     probe = [*conversation[:index], {**conversation[index], "content": SENTINEL}, *conversation[index + 1 :]]
-    probe_text = tokenizer.apply_chat_template(probe, tokenize=False, **template_kwargs)
-    content = conversation[index]["content"]
+    rendered, probe_text = tokenizer.apply_chat_template([conversation, probe], tokenize=False, **template_kwargs)
+    return rendered, probe_text
+
+
+def _locate(content: str, rendered: str, probe_text: str) -> tuple[str, int] | None:
+    """Where the chat template put ``content``: where the probe render has the sentinel, so a short answer is never
+    matched inside other text. Templates that trim the content are allowed."""
     candidates = {content, content.strip(), content.rstrip(), content.lstrip()} - {""}
     position = probe_text.find(SENTINEL)
     while position >= 0:  # the occurrence with the real render's text before and after it (data may hold one too)
@@ -163,7 +167,7 @@ def tokenize_with_key_mask(
         completion = example[text_field]
 
     if conversation is not None:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs)
+        text, probe_text = _render_with_probe(tokenizer, conversation, answer_index, template_kwargs)
         if assistant_only_loss:
             encoded = tokenizer.apply_chat_template(
                 conversation,
@@ -176,7 +180,7 @@ def tokenize_with_key_mask(
             output["assistant_masks"] = list(encoded["assistant_masks"])
         else:
             encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        located = _locate(tokenizer, conversation, answer_index, text, template_kwargs)
+        located = _locate(conversation[answer_index]["content"], text, probe_text)
     else:
         # TRL appends EOS to non-conversational completions (or texts) that lack it
         prefix = prompt_text or ""
