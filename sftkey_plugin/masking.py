@@ -104,9 +104,9 @@ def key_mask_for_completion(
     return KeyMask(mask=mask, finder=name)
 
 
-def truncation_slice(length: int, max_length: int | None, mode: str = "keep_start") -> slice:
-    """The part of a sequence of ``length`` tokens kept by truncation to ``max_length`` (TRL's two modes)."""
-    if max_length is None or length <= max_length:
+def truncation_slice(max_length: int | None, mode: str = "keep_start") -> slice:
+    """The part of a token sequence kept by truncation to ``max_length`` (TRL's two modes); shorter ones are kept."""
+    if max_length is None:
         return slice(None)
     if mode == "keep_start":
         return slice(None, max_length)

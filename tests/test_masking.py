@@ -31,11 +31,13 @@ def test_eos_after_the_answer_and_whitespace_before_it():
 
 
 def test_truncation_slice_modes():
-    assert truncation_slice(10, 4, "keep_start") == slice(None, 4)
-    assert truncation_slice(10, 4, "keep_end") == slice(-4, None)
-    assert truncation_slice(3, 4, "keep_end") == slice(None)
+    tokens = list(range(10))
+    assert tokens[truncation_slice(4, "keep_start")] == [0, 1, 2, 3]
+    assert tokens[truncation_slice(4, "keep_end")] == [6, 7, 8, 9]
+    assert tokens[:3][truncation_slice(4, "keep_end")] == [0, 1, 2]  # a shorter sequence is kept whole
+    assert truncation_slice(None, "keep_end") == slice(None)
     with pytest.raises(ValueError, match="keep_middle"):
-        truncation_slice(10, 4, "keep_middle")
+        truncation_slice(4, "keep_middle")
 
 
 def key_text(tokenizer, encoded) -> str:

@@ -6,7 +6,9 @@ conversation and template, checked to give the same ``input_ids``, and restricte
 (``labels != -100``). So for one example and template the mask equals the TRL mask on trained tokens.
 
 Extra columns: ``sftkey_mask`` (int 0/1, as long as ``input_ids``) and ``sftkey_finder`` (the finder that matched,
-``""`` none, ``"not_located"`` when the render could not be matched; the trainer counts and removes it).
+``""`` none, ``"not_located"`` when neither the render nor Axolotl's own tokens could place it; the trainer counts
+and removes it). When Axolotl's tokens differ from ``apply_chat_template``'s, the mask is made from Axolotl's tokens
+(``key_mask_from_token_ids``: the answer turn decoded and re-tokenised with offsets).
 ``sftkey_on_missing: drop`` drops rows without key tokens here, before Axolotl counts the training steps.
 """
 
@@ -20,7 +22,13 @@ from axolotl.prompters import IGNORE_TOKEN_ID
 
 from ..collator import SFTKEY_MASK
 from ..config import sftkey_arguments_from, validate_sftkey_arguments
-from ..tokenize import NOT_LOCATED, MarkingOptions, require_fast_tokenizer, tokenize_with_key_mask
+from ..tokenize import (
+    NOT_LOCATED,
+    MarkingOptions,
+    key_mask_from_token_ids,
+    require_fast_tokenizer,
+    tokenize_with_key_mask,
+)
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -93,7 +101,8 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
             logger.debug("SFTKey could not mark an example: %s", error)
             return [0] * len(input_ids), ""
         if list(marked["input_ids"]) != list(input_ids):
-            return [0] * len(input_ids), NOT_LOCATED
+            # Axolotl's render differs from apply_chat_template's (its own turn handling): mark its tokens directly
+            return key_mask_from_token_ids(list(input_ids), list(labels), self.tokenizer, self.marking)
         mask = [int(m and label != IGNORE_TOKEN_ID) for m, label in zip(marked[SFTKEY_MASK], labels)]
         return mask, marked[SFTKEY_FINDER] if 1 in mask else ""
 

@@ -168,11 +168,12 @@ def train_arm(
     say: Callable[..., None],
     sftkey: dict[str, Any] | None = None,
     steps: int | None = None,
+    peft_config: Any = None,
 ) -> tuple[Any, list]:
     """Train one arm from the shared initial weights; returns the model and its log history.
 
     ``sftkey``: the arm's ``sftkey_*`` settings (None: stock ``trl.SFTTrainer``); by default the demo's own, for the
-    arm named ``sftkey``. ``steps`` defaults to ``args.steps``.
+    arm named ``sftkey``. ``steps`` defaults to ``args.steps``; ``peft_config`` trains a PEFT adapter instead.
     """
     if sftkey is None and arm == "sftkey":
         sftkey = {
@@ -211,7 +212,11 @@ def train_arm(
     trainer_class = SFTTrainer if sftkey is None else SFTKeyTrainer  # plain arms: stock TRL, nothing of ours
     records = [{k: r[k] for k in ("prompt", "completion")} for r in train]
     trainer = trainer_class(
-        model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback(arm, say))

@@ -99,7 +99,7 @@ def classify(
     if "assistant_masks" in encoded:
         trained = [t & a for t, a in zip(trained, encoded["assistant_masks"])]
     key = [k & t for k, t in zip(encoded["sftkey_mask"], trained)]
-    keep = truncation_slice(length, max_length, truncation_mode)
+    keep = truncation_slice(max_length, truncation_mode)
     finder = encoded["sftkey_finder"]
     status = key_status(finder, key, keep)
     return {

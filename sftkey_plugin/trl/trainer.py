@@ -111,7 +111,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
 
         truncates = args.max_length is not None and (not packing or args.packing_strategy == "bfd")
         keep = truncation_slice(
-            1 << 62, args.max_length if truncates else None, "keep_start" if packing else args.truncation_mode
+            args.max_length if truncates else None, "keep_start" if packing else args.truncation_mode
         )
         dataset = dataset.map(
             _truncate_and_classify,
