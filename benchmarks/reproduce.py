@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sftkey_plugin.cli.evaluate import paired_bootstrap
 
 ARMS = ("sft_short", "sft_equal", "two_stage", "key_only", "weighted")
 
@@ -41,14 +42,6 @@ def arm_settings(arm: str, options: argparse.Namespace) -> tuple[dict[str, Any] 
         "key_only": ({"sftkey_mode": "key_only"}, options.steps),
         "weighted": ({"sftkey_mode": "weighted", "sftkey_key_weight": options.key_weight}, options.steps),
     }[arm]
-
-
-def paired_bootstrap(a: list[int], b: list[int], samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``b - a`` over paired items and its 95% bootstrap interval."""
-    rng = random.Random(seed)
-    diffs = [y - x for x, y in zip(a, b)]
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples))
-    return statistics.fmean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
 def smollm2_init(folder: Path) -> Any:
@@ -161,7 +154,7 @@ def main() -> None:
             if arm != "sft_equal" and "sft_equal" in options.arms:
                 base = [c for r in per_seed for c in r["sft_equal"]["correct"]]
                 mine = [c for r in per_seed for c in r[arm]["correct"]]
-                row["diff_vs_sft_equal"] = paired_bootstrap(base, mine)
+                row["diff_vs_sft_equal"] = paired_bootstrap(base, mine)  # sftkey eval --compare's, 95%
             summary.append(row)
     print(f"\n{'task':<11}{'arm':<11}{'steps':>6}{'accuracy':>10}{'by seed':>22}{'format':>8}  vs sft_equal [95% CI]")
     for row in summary:

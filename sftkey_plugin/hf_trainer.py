@@ -90,7 +90,9 @@ class SFTKeyLossMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # type: ignore[no-untyped-def]
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
         if self._sftkey_active and num_items is not None and batches and self.sftkey_stage == STAGE_KEY_ONLY:
-            # Count the step's key tokens (all micro-batches, all processes) the way the trainer counts labels
+            # Count the step's key tokens (all micro-batches, all processes) the way the trainer counts labels.
+            # Here rather than in _get_num_items_in_batch: evaluation counts through that too (and must not mask),
+            # and model.training cannot tell them apart on the first step after loading or resuming.
             masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batches]
             num_items = self._get_num_items_in_batch(masked, device)  # type: ignore[attr-defined]
         return batches, num_items

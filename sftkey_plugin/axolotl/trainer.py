@@ -19,7 +19,7 @@ from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
-from ..stats import FOUND, MISSING, KeyDataStats
+from ..stats import KeyDataStats, key_status
 from ..tokenize import MarkingOptions, mark_token_ids
 from .strategy import SFTKEY_FINDER
 
@@ -37,7 +37,7 @@ def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
         names = batch.get(SFTKEY_FINDER) or ["pretokenized"] * len(batch["labels"])
         for labels, mask, finder in zip(batch["labels"], batch[SFTKEY_MASK], names):
             n_key = int(sum(mask))
-            statuses.append(FOUND if n_key else MISSING)
+            statuses.append(key_status(finder, mask, slice(None)))
             finders.append(finder)
             keys.append(n_key)
             trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
