@@ -95,6 +95,8 @@ class SFTKeyLossMixin:
             # and model.training cannot tell them apart on the first step after loading or resuming.
             masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batches]
             num_items = self._get_num_items_in_batch(masked, device)  # type: ignore[attr-defined]
+            # A step without any key token: the model's loss divides its sum (0) by this count, so 0 / 1, not NaN
+            num_items = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@
 processes (gloo), saved to ``OUT_DIR/<mode>.pt``.
 ``python tests/multiprocess_worker.py interrupt TINY_DIR OUT_DIR READY_FILE``: a two-stage run that stalls right
 after writing its stage-2 checkpoint, so the test can kill it with a real signal.
+``record_micro_batches`` and ``training_record`` also serve the Axolotl runs (``axolotl_recorder.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 from test_trl import PER_TOKEN, trainer_for
 from transformers import TrainerCallback
 
-from sftkey_plugin import SFTKeyTrainer
 from sftkey_plugin.examples import arithmetic_records
 
 GLOBAL_BATCH = 4
@@ -75,20 +75,33 @@ class GradientRecorder(TrainerCallback):
         self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-class RecordingTrainer(SFTKeyTrainer):
-    """``SFTKeyTrainer`` that notes, per micro-batch, this process's key-token count, stage and loss."""
+def record_micro_batches(trainer: Any) -> None:
+    """Wrap ``trainer.compute_loss`` to note, per training micro-batch, this process's key-token count, stage, loss."""
+    compute_loss = trainer.compute_loss
+    trainer.micro_batches = []
 
-    micro_batches: list[dict[str, Any]]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        if self.model.training:
+    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if trainer.model.training:
             key = (inputs["sftkey_mask"][:, 1:] == 1) & (inputs["labels"][:, 1:] != -100)
-            record = {"step": self.state.global_step, "stage": self.sftkey_stage, "key_tokens": int(key.sum())}
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.model.training:
+            record = {"step": trainer.state.global_step, "stage": trainer.sftkey_stage, "key_tokens": int(key.sum())}
+        result = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if trainer.model.training:
             loss = result[0] if return_outputs else result
-            self.micro_batches = [*getattr(self, "micro_batches", []), {**record, "loss": float(loss.detach())}]
+            trainer.micro_batches.append({**record, "loss": float(loss.detach())})
         return result
+
+    trainer.compute_loss = recording
+
+
+def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]:
+    """What a finished run is compared by: world size, train logs, gradients, final weights, micro-batches."""
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
+        "grads": gradients.steps,
+        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "micro_batches": trainer.micro_batches,
+    }
 
 
 def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[str, Any]:
@@ -98,7 +111,6 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[
         tiny_dir,
         mixed_records(),
         out,
-        trainer_cls=RecordingTrainer,
         sftkey=True,
         sftkey_on_missing="keep",
         max_steps=STEPS,
@@ -107,14 +119,9 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[
         **MODES[mode],
     )
     trainer.add_callback(recorder)
+    record_micro_batches(trainer)
     trainer.train()
-    return {
-        "world_size": trainer.accelerator.num_processes,
-        "logs": [h for h in trainer.state.log_history if "loss" in h],
-        "grads": recorder.steps,
-        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-        "micro_batches": trainer.micro_batches,
-    }
+    return training_record(trainer, recorder)
 
 
 def main_modes(tiny_dir: str, out_dir: str) -> None:

@@ -266,6 +266,65 @@ def test_masks_match_trl_side(runs, workdir, tokenizer):
     assert checked >= N_RECORDS
 
 
+# ---- several processes: `axolotl train --launcher torchrun` on 2 CPU processes against 1 process ----------------
+
+# Full fine-tuning (no LoRA init to vary), rows in file order (sequential sampler), raw gradients (no clipping).
+# Axolotl 0.19 gives each process the accelerator LOCAL_RANK as device map, which fails without one; a CPU
+# max_memory makes it infer a CPU map instead (the model loader's own path, no patch).
+MULTIPROCESS = {
+    "curriculum_sampling": True,
+    "shuffle_merged_datasets": False,
+    "max_grad_norm": 0.0,
+    "max_memory": {"cpu": "4GiB"},
+    "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
+    "sftkey": True,
+}
+
+
+def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
+    """Train one config with ``processes`` CPU processes; each process's record (see ``axolotl_recorder``)."""
+    from multiprocess_worker import GLOBAL_BATCH, STEPS, mixed_records
+
+    root = workdir["root"]
+    data = root / "mixed.jsonl"
+    if not data.exists():
+        rows = [{"messages": r["prompt"] + r["completion"]} for r in mixed_records()]
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    config = _config(workdir, name, {**MULTIPROCESS, **overrides, "max_steps": STEPS})
+    for key in [key for key in config if key == "adapter" or "lora" in key]:
+        del config[key]
+    config["datasets"][0]["path"] = str(data)
+    config["dataset_prepared_path"] = str(root / f"prepared_{name}")
+    config["micro_batch_size"] = GLOBAL_BATCH // processes
+    path = _write(root / f"{name}.yml", config)
+    tests = Path(__file__).parent
+    env = {
+        **_env(),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # torchrun
+        "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]),
+        "ACCELERATE_USE_CPU": "true",
+    }
+    command = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "torchrun", "--"]
+    command += ["--standalone", "--nproc_per_node", str(processes)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    import torch
+
+    return {rank: torch.load(Path(config["output_dir"]) / f"record-rank{rank}.pt") for rank in range(processes)}
+
+
+@pytest.mark.parametrize("mode", ["two_stage", "key_only", "weighted"])
+def test_two_processes_equal_one_process(workdir, mode):
+    """As the TRL test in test_reliability.py: same logs, gradients and weights; a process without key tokens."""
+    from multiprocess_worker import MODES
+    from test_reliability import assert_same_training
+
+    overrides = {key: value for key, value in MODES[mode].items() if key.startswith("sftkey")}
+    multi = _multiprocess_run(workdir, f"{mode}_2proc", overrides, processes=2)
+    single = _multiprocess_run(workdir, f"{mode}_1proc", overrides, processes=1)
+    assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
+
+
 # ---- in-process: config loading, strategy, validators, preview ----------------------------------------------
 
 

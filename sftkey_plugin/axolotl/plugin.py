@@ -68,6 +68,7 @@ class SFTKeyPlugin(BasePlugin):
     - ``register``: rewrites ``type: chat_template`` datasets to the SFTKey strategy and appends the marking
       options' hash to ``dataset_prepared_path`` (Axolotl's dataset hash ignores plugin keys).
     - ``get_input_args``: the ``sftkey_*`` keys and the validators.
+    - ``get_training_args``: counts loss tokens over all processes (``average_tokens_across_devices``).
     - ``get_trainer_cls``: ``SFTKeyAxolotlTrainer`` (None when sftkey is off or an RL/reward trainer is configured).
     """
 
@@ -87,6 +88,14 @@ class SFTKeyPlugin(BasePlugin):
 
     def get_input_args(self) -> str:
         return "sftkey_plugin.axolotl.args.SFTKeyInputArgs"
+
+    def get_training_args(self, cfg: Any) -> dict[str, Any] | None:
+        if not cfg.get("sftkey") or _is_rl(cfg):
+            return None
+        # Axolotl 0.19 turns this off, so each process divides by its own token count and DDP averages the results:
+        # in a key-only step a process without key tokens adds a 0 to that average, and one with few key tokens
+        # weighs each more. Counting over all processes (transformers' and TRL's default) gives the global mean.
+        return {"average_tokens_across_devices": True}
 
     def get_trainer_cls(self, cfg: Any):  # type: ignore[no-untyped-def]
         if not cfg.get("sftkey") or _is_rl(cfg):
