@@ -1,7 +1,8 @@
-"""A test-only Axolotl plugin (``plugins: [axolotl_recorder.TrainingRecorder, ...]``, with ``tests/`` on the path).
+"""Test-only Axolotl plugins (``plugins: [axolotl_recorder.TrainingRecorder, ...]``, with ``tests/`` on the path).
 
-It records an Axolotl run the way ``multiprocess_worker.run_mode`` records a TRL run, so both go through the same
-comparison. Each process saves ``<output_dir>/record-rank<RANK>.pt`` when training ends.
+``TrainingRecorder`` records an Axolotl run the way ``multiprocess_worker.run_mode`` records a TRL run, so both go
+through the same comparison; each process saves ``<output_dir>/record-rank<RANK>.pt`` when training ends.
+``StallAfterCheckpointPlugin`` makes a run hang after a checkpoint, to be killed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
-from multiprocess_worker import GradientRecorder, record_micro_batches, training_record
+from multiprocess_worker import GradientRecorder, StallAfterCheckpoint, record_micro_batches, training_record
 from transformers import TrainerCallback
 
 
@@ -30,3 +31,15 @@ class TrainingRecorder(BasePlugin):
         record_micro_batches(trainer)
         gradients = GradientRecorder()
         return [gradients, _SaveRecord(trainer, gradients)]
+
+
+class StallAfterCheckpointPlugin(BasePlugin):
+    """With ``SFTKEY_STALL_AFTER_CHECKPOINT=STEP:READY_FILE`` set: once checkpoint-STEP is written, write READY_FILE
+    and hang, so a test can kill the run with a real signal (``multiprocess_worker.StallAfterCheckpoint``). Without
+    it, nothing: the killed run and its reruns share one config."""
+
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[TrainerCallback]:
+        if "SFTKEY_STALL_AFTER_CHECKPOINT" not in os.environ:
+            return []
+        step, ready_file = os.environ["SFTKEY_STALL_AFTER_CHECKPOINT"].split(":", 1)
+        return [StallAfterCheckpoint(int(step), ready_file)]

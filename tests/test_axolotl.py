@@ -6,12 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("axolotl")
 
@@ -266,50 +268,72 @@ def test_masks_match_trl_side(runs, workdir, tokenizer):
     assert checked >= N_RECORDS
 
 
-# ---- several processes: `axolotl train --launcher torchrun` on 2 CPU processes against 1 process ----------------
+# ---- several processes and interruption: real `axolotl train` runs compared with test_reliability.py's checks --------
 
 # Full fine-tuning (no LoRA init to vary), rows in file order (sequential sampler), raw gradients (no clipping).
 # Axolotl 0.19 gives each process the accelerator LOCAL_RANK as device map, which fails without one; a CPU
 # max_memory makes it infer a CPU map instead (the model loader's own path, no patch).
-MULTIPROCESS = {
+FULL_FINETUNE = {
     "curriculum_sampling": True,
     "shuffle_merged_datasets": False,
     "max_grad_norm": 0.0,
     "max_memory": {"cpu": "4GiB"},
-    "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
     "sftkey": True,
 }
+
+
+def _full_finetune_config(workdir, name: str, overrides: dict) -> tuple[Path, dict]:
+    """A full fine-tuning config with its own prepared-data folder, written to ``<name>.yml``."""
+    config = _config(workdir, name, {**FULL_FINETUNE, **overrides})
+    for key in [key for key in config if key == "adapter" or "lora" in key]:
+        del config[key]
+    config["dataset_prepared_path"] = str(workdir["root"] / f"prepared_{name}")
+    return _write(workdir["root"] / f"{name}.yml", config), config
+
+
+def _subprocess_env(**extra: str) -> dict:
+    """``_env()`` plus the venv's scripts (Axolotl's launcher runs ``torchrun``), the sources and ``tests/`` (the
+    recorder plugins) on the path, and CPU-only accelerate (without it no process group is set up)."""
+    tests = Path(__file__).parent
+    return {
+        **_env(),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]),
+        "ACCELERATE_USE_CPU": "true",
+        **extra,
+    }
+
+
+def _train(command: list[str], workdir) -> None:
+    """Run an Axolotl training command to completion (a hang fails after 300 s)."""
+    done = subprocess.run(
+        command, cwd=workdir["root"], env=_subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
 def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
     """Train one config with ``processes`` CPU processes; each process's record (see ``axolotl_recorder``)."""
     from multiprocess_worker import GLOBAL_BATCH, STEPS, mixed_records
 
-    root = workdir["root"]
-    data = root / "mixed.jsonl"
+    data = workdir["root"] / "mixed.jsonl"
     if not data.exists():
         rows = [{"messages": r["prompt"] + r["completion"]} for r in mixed_records()]
         data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    config = _config(workdir, name, {**MULTIPROCESS, **overrides, "max_steps": STEPS})
-    for key in [key for key in config if key == "adapter" or "lora" in key]:
-        del config[key]
-    config["datasets"][0]["path"] = str(data)
-    config["dataset_prepared_path"] = str(root / f"prepared_{name}")
-    config["micro_batch_size"] = GLOBAL_BATCH // processes
-    path = _write(root / f"{name}.yml", config)
-    tests = Path(__file__).parent
-    env = {
-        **_env(),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # torchrun
-        "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]),
-        "ACCELERATE_USE_CPU": "true",
-    }
+    path, config = _full_finetune_config(
+        workdir,
+        name,
+        {
+            **overrides,
+            "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
+            "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
+            "max_steps": STEPS,
+            "micro_batch_size": GLOBAL_BATCH // processes,
+        },
+    )
     command = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "torchrun", "--"]
     command += ["--standalone", "--nproc_per_node", str(processes)]
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    import torch
-
+    _train(command, workdir)
     return {rank: torch.load(Path(config["output_dir"]) / f"record-rank{rank}.pt") for rank in range(processes)}
 
 
@@ -323,6 +347,43 @@ def test_two_processes_equal_one_process(workdir, mode):
     multi = _multiprocess_run(workdir, f"{mode}_2proc", overrides, processes=2)
     single = _multiprocess_run(workdir, f"{mode}_1proc", overrides, processes=1)
     assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
+
+
+def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
+    """As test_reliability.py's TRL test: killed during step 5 (stage 2 from step 3), resumed from checkpoint-4 with
+    ``resume_from_checkpoint``, the run ends with the stages, losses and weights of a run never stopped."""
+    from safetensors.torch import load_file
+    from test_reliability import kill_when_ready, max_abs_diff
+
+    interrupted = {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 2, "max_steps": 6, "save_steps": 2}
+    interrupted["plugins"] = ["axolotl_recorder.StallAfterCheckpointPlugin", PLUGIN]
+    root = workdir["root"]
+    train = [sys.executable, "-m", "axolotl.cli.train"]
+
+    path, full = _full_finetune_config(workdir, "uninterrupted", interrupted)
+    _train([*train, str(path)], workdir)
+
+    path, killed = _full_finetune_config(workdir, "killed", interrupted)
+    ready, out = root / "killed.ready", Path(killed["output_dir"])
+    env = _subprocess_env(SFTKEY_STALL_AFTER_CHECKPOINT=f"4:{ready}")
+    code = kill_when_ready([*train, str(path)], env, root / "killed.log", ready)
+    assert ready.exists(), (root / "killed.log").read_text()[-3000:]
+    assert code == -signal.SIGKILL
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["sftkey/stage"] for h in _train_logs(saved["log_history"])] == [1, 1, 2, 2]
+
+    path = _write(root / "resumed.yml", {**killed, "resume_from_checkpoint": str(out / "checkpoint-4")})
+    _train([*train, str(path)], workdir)
+
+    histories = [json.loads((Path(c["output_dir"]) / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+                 for c in (full, killed)]  # fmt: skip
+    resumed_logs, full_logs = _train_logs(histories[1]), _train_logs(histories[0])
+    assert [h["sftkey/stage"] for h in resumed_logs] == [h["sftkey/stage"] for h in full_logs] == [1, 1, 2, 2, 2, 2]
+    assert [h["loss"] for h in resumed_logs] == pytest.approx([h["loss"] for h in full_logs], rel=1e-6)
+    diff = max_abs_diff(*(load_file(Path(c["output_dir"]) / "model.safetensors") for c in (killed, full)))
+    print(f"\nAxolotl resume after SIGKILL: max |weight diff| {diff:.2e}")
+    assert diff < 1e-6
 
 
 # ---- in-process: config loading, strategy, validators, preview ----------------------------------------------

@@ -126,27 +126,22 @@ def test_two_processes_equal_one_process(tiny_dir: str, tmp_path: Path, two_proc
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kill_after_checkpoint(tiny_dir: str, out: Path, ready: Path) -> int:
-    """Start the interrupt run in a subprocess, SIGKILL it once it stalls after its checkpoint; its return code."""
-    log = (out.parent / "killed.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), "interrupt", tiny_dir, str(out), str(ready)],
-        env=subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 240
-    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    log.close()
-    return process.wait(timeout=60)
+def kill_when_ready(command: list[str], env: dict[str, str], log_path: Path, ready: Path) -> int:
+    """Start ``command``, SIGKILL it once it has written ``ready`` (stalled after its checkpoint); its return code."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        return process.wait(timeout=60)
 
 
 def test_killed_mid_stage_two_resumes_to_the_same_weights(tiny_dir: str, tmp_path: Path) -> None:
     """A run killed during step 5 (stage 2 began at step 3) resumes from checkpoint-4 and ends as if never stopped."""
     out, ready = tmp_path / "run", tmp_path / "ready"
-    code = kill_after_checkpoint(tiny_dir, out, ready)
+    command = [sys.executable, str(WORKER), "interrupt", tiny_dir, str(out), str(ready)]
+    code = kill_when_ready(command, subprocess_env(), tmp_path / "killed.log", ready)
     assert ready.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert code == -signal.SIGKILL
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", f"checkpoint-{INTERRUPT_AT}"]
