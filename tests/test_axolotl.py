@@ -428,19 +428,25 @@ MULTI_TURN = {
 NO_KEY = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]}
 
 
-def test_strategy_matches_trl_and_handles_missing(axolotl_env, workdir):
+def _assert_marked_as_trl(tokenizer, records, rows):
+    """Each Axolotl row has the TRL side's tokens, and its key mask is the TRL side's restricted to trained tokens."""
     from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
 
+    assert len(rows) == len(records)
+    for record, row in zip(records, rows):
+        marked = tokenize_with_key_mask(record, tokenizer, MarkingOptions(finder="tags"))
+        assert marked["input_ids"] == row["input_ids"]
+        assert len(row["sftkey_mask"]) == len(row["input_ids"])
+        assert row["sftkey_mask"] == [int(m and lab != -100) for m, lab in zip(marked["sftkey_mask"], row["labels"])]
+
+
+def test_strategy_matches_trl_and_handles_missing(axolotl_env, workdir):
     config = _config(workdir, "strategy", {**SFTKEY_ON, "sftkey_finder": "tags"})
     cfg, tokenizer, strategy = _strategy(axolotl_env, config)
     assert cfg.datasets[0].type == "sftkey_plugin.axolotl.strategy"  # rewritten from chat_template
     assert "/sftkey-" in str(cfg.dataset_prepared_path)
     rows = _tokenize(strategy, [MULTI_TURN, NO_KEY])
-    for record, row in zip([MULTI_TURN, NO_KEY], rows):
-        marked = tokenize_with_key_mask(record, tokenizer, MarkingOptions(finder="tags"))
-        assert marked["input_ids"] == row["input_ids"]
-        assert len(row["sftkey_mask"]) == len(row["input_ids"])
-        assert row["sftkey_mask"] == [int(m and lab != -100) for m, lab in zip(marked["sftkey_mask"], row["labels"])]
+    _assert_marked_as_trl(tokenizer, [MULTI_TURN, NO_KEY], rows)
     key_text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["sftkey_mask"]) if m])
     assert "4" in key_text and "5" not in key_text  # only the last assistant turn's answer
     assert rows[1]["sftkey_mask"] == [0] * len(rows[1]["input_ids"]) and rows[1]["sftkey_finder"] == ""
@@ -450,6 +456,24 @@ def test_strategy_matches_trl_and_handles_missing(axolotl_env, workdir):
     _, _, strict = _strategy(axolotl_env, {**config, "sftkey_on_missing": "error"})
     with pytest.raises(ValueError, match="no key answer found"):
         _tokenize(strict, [NO_KEY])
+
+
+def test_hostile_completions_are_marked_as_on_the_trl_side(axolotl_env, workdir):
+    """test_reliability.py's hostile completions, as chats through the Axolotl strategy: the TRL side's key tokens
+    (those Axolotl trains), and no key token exactly where the TRL side counts the example without a key span."""
+    from test_reliability import HOSTILE_COMPLETIONS, THINK
+
+    records = [
+        {"messages": [{"role": "user", "content": "Q: 1 + 1?"}, {"role": "assistant", "content": completion}]}
+        for completion, _ in HOSTILE_COMPLETIONS.values()
+    ]
+    records[list(HOSTILE_COMPLETIONS).index("no answer, tags only in the prompt")]["messages"][0]["content"] += (
+        THINK + "<Answer>2"
+    )
+    _, tokenizer, strategy = _strategy(axolotl_env, _config(workdir, "hostile", SFTKEY_ON))
+    rows = _tokenize(strategy, records)
+    _assert_marked_as_trl(tokenizer, records, rows)
+    assert [any(row["sftkey_mask"]) for row in rows] == [bool(key) for _, key in HOSTILE_COMPLETIONS.values()]
 
 
 def test_sftkey_off_or_unlisted_changes_nothing(axolotl_env, workdir):
