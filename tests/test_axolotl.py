@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -324,11 +325,11 @@ def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> di
         workdir,
         name,
         {
-            **overrides,
             "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
             "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
             "max_steps": STEPS,
             "micro_batch_size": GLOBAL_BATCH // processes,
+            **overrides,
         },
     )
     command = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "torchrun", "--"]
@@ -347,6 +348,19 @@ def test_two_processes_equal_one_process(workdir, mode):
     multi = _multiprocess_run(workdir, f"{mode}_2proc", overrides, processes=2)
     single = _multiprocess_run(workdir, f"{mode}_1proc", overrides, processes=1)
     assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
+
+
+def test_two_processes_with_packing(workdir):
+    """Multipack bins on 2 processes (no 1-process twin: bins are dealt out differently): every step's loss is the
+    mean NLL of the key tokens of both processes, as the gathered ``sftkey/key_loss`` metric measures it."""
+    packed = {"sftkey_mode": "key_only", "sample_packing": True, "pad_to_sequence_len": True, "sequence_len": 128}
+    records = _multiprocess_run(workdir, "packed_2proc", {**packed, "micro_batch_size": 1}, processes=2)
+    assert records[0]["world_size"] == 2
+    assert all(math.isfinite(m["loss"]) for rank in records.values() for m in rank["micro_batches"])
+    logs = records[0]["logs"]
+    assert len(logs) == 4
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["sftkey/key_loss"], rel=1e-5)
 
 
 def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
