@@ -1,5 +1,7 @@
-"""The Axolotl plugin: real ``axolotl train`` runs (CLI python entry) on the tiny fixtures, the strategy's mask
-against the TRL side's, the validators, the dataset-cache suffix and the ``sftkey-preview`` command."""
+"""The Axolotl plugin: real ``axolotl train`` runs (CLI python entry) on the tiny fixtures; 2-process runs
+(``axolotl train --launcher torchrun``) against 1-process runs and a run killed mid-stage-2 and resumed, checked as
+``test_reliability.py`` checks the TRL side; the strategy's mask against the TRL side's (hostile completions too),
+the validators, the dataset-cache suffix and the ``sftkey-preview`` command."""
 
 from __future__ import annotations
 
@@ -293,16 +295,12 @@ def _full_finetune_config(workdir, name: str, overrides: dict) -> tuple[Path, di
 
 
 def _subprocess_env(**extra: str) -> dict:
-    """``_env()`` plus the venv's scripts (Axolotl's launcher runs ``torchrun``), the sources and ``tests/`` (the
-    recorder plugins) on the path, and CPU-only accelerate (without it no process group is set up)."""
-    tests = Path(__file__).parent
-    return {
-        **_env(),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]),
-        "ACCELERATE_USE_CPU": "true",
-        **extra,
-    }
+    """``_env()`` plus test_reliability's child settings (``tests/`` on the path for the recorder plugins, CPU-only
+    accelerate: without it no process group is set up) and the venv's scripts (Axolotl's launcher runs torchrun)."""
+    from test_reliability import subprocess_env
+
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**_env(), **subprocess_env(), "PATH": path, **extra}
 
 
 def _train(command: list[str], workdir) -> None:
@@ -369,8 +367,13 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
     from safetensors.torch import load_file
     from test_reliability import kill_when_ready, max_abs_diff
 
-    interrupted = {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 2, "max_steps": 6, "save_steps": 2}
-    interrupted["plugins"] = ["axolotl_recorder.StallAfterCheckpointPlugin", PLUGIN]
+    interrupted = {
+        "plugins": ["axolotl_recorder.StallAfterCheckpointPlugin", PLUGIN],
+        "sftkey_mode": "two_stage",
+        "sftkey_stage2_steps": 2,
+        "max_steps": 6,
+        "save_steps": 2,
+    }
     root = workdir["root"]
     train = [sys.executable, "-m", "axolotl.cli.train"]
 
