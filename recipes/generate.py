@@ -239,6 +239,24 @@ def _lr(recipe: Recipe) -> tuple[float, str]:
     return 5.0e-6, "paper"
 
 
+def _optimization(recipe: Recipe) -> list[Any]:
+    """Learning rate, schedule, optimizer, clipping and precision, under each framework's key names."""
+    axolotl = recipe.framework == "axolotl"
+    lr, lr_note = _lr(recipe)
+    return [
+        ("learning_rate", lr, lr_note),
+        (
+            "lr_scheduler" if axolotl else "lr_scheduler_type",
+            "constant_with_warmup",
+            "ours (paper: warm-up only); constant: one run = the two stages run apart",
+        ),
+        ("weight_decay", 0.1, "paper"),
+        ("optimizer" if axolotl else "optim", "adamw_torch_fused", "ours (paper: unknown, AdamW likely)"),
+        ("max_grad_norm", 1.0, "ours (the Trainer default)"),
+        ("bf16", True, "paper"),
+    ]
+
+
 def _batch(recipe: Recipe) -> list[Any]:
     micro = "micro_batch_size" if recipe.framework == "axolotl" else "per_device_train_batch_size"
     if recipe.setup in ("fsdp", "zero3"):
@@ -332,7 +350,6 @@ def _output_dir(recipe: Recipe, arm: str) -> str:
 
 def axolotl_entries(recipe: Recipe, arm: str) -> list[Any]:
     data, model = DATASETS[recipe.dataset], MODELS[recipe.model]
-    lr, lr_note = _lr(recipe)
     entries: list[Any] = [
         "# --- model ---",
         ("base_model", model.hub, "paper model (base version)"),
@@ -381,16 +398,7 @@ def axolotl_entries(recipe: Recipe, arm: str) -> list[Any]:
         "# --- training ---",
         *_arm_training(recipe, arm),
         *_batch(recipe),
-        ("learning_rate", lr, lr_note),
-        (
-            "lr_scheduler",
-            "constant_with_warmup",
-            "ours (paper: warm-up only); constant: one run = the two stages run apart",
-        ),
-        ("weight_decay", 0.1, "paper"),
-        ("optimizer", "adamw_torch_fused", "ours (paper: unknown, AdamW likely)"),
-        ("max_grad_norm", 1.0, "ours (the Trainer default)"),
-        ("bf16", True, "paper"),
+        *_optimization(recipe),
         ("attn_implementation", "sdpa", "ours: flash_attention_2 works too where flash-attn is installed"),
     ]
     if recipe.setup != "fsdp":
@@ -444,7 +452,6 @@ def axolotl_entries(recipe: Recipe, arm: str) -> list[Any]:
 
 def trl_entries(recipe: Recipe, arm: str) -> list[Any]:
     data, model = DATASETS[recipe.dataset], MODELS[recipe.model]
-    lr, lr_note = _lr(recipe)
     entries: list[Any] = [
         "# --- model (trl.ModelConfig) ---",
         ("model_name_or_path", model.hub, "paper model (base version)"),
@@ -485,16 +492,7 @@ def trl_entries(recipe: Recipe, arm: str) -> list[Any]:
         ("dataset_num_proc", 8, "ours"),
         *_arm_training(recipe, arm),
         *_batch(recipe),
-        ("learning_rate", lr, lr_note),
-        (
-            "lr_scheduler_type",
-            "constant_with_warmup",
-            "ours (paper: warm-up only); constant: one run = the two stages run apart",
-        ),
-        ("weight_decay", 0.1, "paper"),
-        ("optim", "adamw_torch_fused", "ours (paper: unknown, AdamW likely)"),
-        ("max_grad_norm", 1.0, "ours (the Trainer default)"),
-        ("bf16", True, "paper"),
+        *_optimization(recipe),
         ("gradient_checkpointing", True, "ours: memory (transformers >= 5.24 also calls it activation_checkpointing)"),
         ("seed", 42, "ours: the same seed (and data order) in all three arms"),
         "# --- output ---",
