@@ -10,6 +10,7 @@ from typing import Any
 MODES = ("two_stage", "key_only", "weighted")
 ON_MISSING = ("error", "drop", "keep")
 EDGE_TOKENS = ("include", "exclude")
+NORMALIZE = ("tokens", "weights")
 
 
 @dataclass
@@ -46,15 +47,30 @@ class SFTKeyArguments:
     )
     sftkey_stage2_steps: int | None = field(
         default=None,
-        metadata={"help": "two_stage: stage 2 starts at this optimizer step; overrides sftkey_stage2_ratio."},
+        metadata={
+            "help": "two_stage: the number of stage-1 optimizer steps (like warmup_steps): stage 2 starts with "
+            "optimizer step sftkey_stage2_steps + 1. Overrides sftkey_stage2_ratio."
+        },
     )
     sftkey_stage2_epoch: float | None = field(
         default=None,
-        metadata={"help": "two_stage: stage 2 starts at this epoch (e.g. 2 for the 3rd epoch); overrides the ratio."},
+        metadata={
+            "help": "two_stage: stage 2 starts once this many epochs are done (e.g. 2: with the first step of the 3rd "
+            "epoch), at the trainer's real epoch boundary. Overrides sftkey_stage2_ratio."
+        },
     )
     sftkey_key_weight: float = field(default=1.0, metadata={"help": "weighted: weight of the key answer tokens."})
     sftkey_other_weight: float = field(
         default=1.0, metadata={"help": "weighted: weight of the other (reasoning) completion tokens."}
+    )
+    sftkey_normalize: str = field(
+        default="tokens",
+        metadata={
+            "help": "weighted: the loss denominator. tokens: the number of loss tokens of the optimizer step (1.0/1.0 "
+            "is plain SFT; larger weights make larger steps), weights: the sum of their weights (a weighted mean, as "
+            "LLaMA-Factory's weighted loss; scaling both weights changes nothing).",
+            "choices": list(NORMALIZE),
+        },
     )
     sftkey_on_missing: str = field(
         default="keep",
@@ -107,7 +123,12 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
         except json.JSONDecodeError as error:
             raise ValueError(f"sftkey_finder_options is not valid JSON: {error}") from error
 
-    choices = {"sftkey_mode": MODES, "sftkey_on_missing": ON_MISSING, "sftkey_edge_tokens": EDGE_TOKENS}
+    choices = {
+        "sftkey_mode": MODES,
+        "sftkey_normalize": NORMALIZE,
+        "sftkey_on_missing": ON_MISSING,
+        "sftkey_edge_tokens": EDGE_TOKENS,
+    }
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, not {getattr(args, name)!r}.")

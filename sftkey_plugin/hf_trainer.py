@@ -13,44 +13,58 @@ Evaluation never masks: ``eval_loss`` stays the loss of every completion token, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerState
 
 from .callback import SFTKeyCallback
 from .collator import SFTKEY_MASK
 from .config import SFTKeyArguments
 from .loss import (
     IGNORE_INDEX,
+    excess_weights,
     is_top1_from_logits,
     key_metric_sums,
     mask_labels_to_key,
     metrics_from_sums,
     per_token_nll,
+    selected_token_nll,
     shifted,
-    weighted_correction,
+    weight_sum,
 )
 from .schedule import STAGE_KEY_ONLY
 
 
-def per_token_values(
-    outputs: Any, labels: torch.Tensor, with_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def per_token_values(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(nll, is_top1)`` aligned with ``labels[:, 1:]`` from a forward's outputs, or None when the loss path keeps
     no per-token values (a chunked or fused loss that returns only the total). From full logits the NLL is
-    recomputed, with a graph only when the loss needs it (``with_grad``; the metrics do not)."""
+    recomputed without a graph: it only feeds the metrics."""
     log_probs = getattr(outputs, "log_probs", None)
     if log_probs is not None:  # TRL >= 1.10's fused LM head
-        return -log_probs, getattr(outputs, "is_top1", None)
+        return -log_probs.detach(), getattr(outputs, "is_top1", None)
     logits = getattr(outputs, "logits", None)
     if logits is None or logits.dim() != 3 or logits.size(1) != labels.size(1):
         return None
-    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+    with torch.no_grad():
         return per_token_nll(logits, labels), is_top1_from_logits(logits, labels)
 
 
 class SFTKeyLossMixin:
     """Mix in before a ``transformers.Trainer`` subclass; call ``_sftkey_setup(arguments)`` after its ``__init__``."""
+
+    if TYPE_CHECKING:  # what the mixin uses of the Trainer it is mixed into (declared for the type checker only)
+        args: Any
+        state: TrainerState
+        model: Any
+        accelerator: Any
+        callback_handler: Any
+        compute_loss_func: Any
+        model_accepts_loss_kwargs: bool
+        data_collator: Any
+        _signature_columns: Any
+
+        def add_callback(self, callback: Any) -> None: ...
 
     sftkey_arguments: SFTKeyArguments
     sftkey_callback: SFTKeyCallback
@@ -58,13 +72,13 @@ class SFTKeyLossMixin:
     def _sftkey_setup(self, arguments: SFTKeyArguments, forward_module: torch.nn.Module) -> None:
         """Install the callback (or adopt one the user passed), the metric buffers and the output capture hook."""
         self.sftkey_arguments = arguments
-        existing = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SFTKeyCallback)]  # type: ignore[attr-defined]
+        existing = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SFTKeyCallback)]
         if existing:
             self.sftkey_callback = existing[0]
             self.sftkey_callback.arguments = arguments
         else:
             self.sftkey_callback = SFTKeyCallback(arguments)
-            self.add_callback(self.sftkey_callback)  # type: ignore[attr-defined]
+            self.add_callback(self.sftkey_callback)
         self._sftkey_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (metric sums, stage) since last log
         self._sftkey_outputs: Any = None
         self._sftkey_capturing = False
@@ -82,22 +96,59 @@ class SFTKeyLossMixin:
     @property
     def sftkey_stage(self) -> int:
         """The stage of the optimizer step in progress (1: every completion token; 2: key tokens only)."""
-        return self.sftkey_callback.stage(self.state.global_step)  # type: ignore[attr-defined]
+        return self.sftkey_callback.stage(self.state)
 
     def _sftkey_masks_labels(self) -> bool:
-        return self.model.training and self.sftkey_stage == STAGE_KEY_ONLY  # type: ignore[attr-defined]
+        return self.model.training and self.sftkey_stage == STAGE_KEY_ONLY
+
+    def _sftkey_weighs_tokens(self) -> bool:
+        """Whether training steps weigh tokens other than 1 (``weighted`` mode with a weight that is not 1.0)."""
+        args = self.sftkey_arguments
+        return args.sftkey_mode == "weighted" and (args.sftkey_key_weight, args.sftkey_other_weight) != (1.0, 1.0)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # type: ignore[no-untyped-def]
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
-        if self._sftkey_active and num_items is not None and batches and self.sftkey_stage == STAGE_KEY_ONLY:
-            # Count the step's key tokens (all micro-batches, all processes) the way the trainer counts labels.
-            # Here rather than in _get_num_items_in_batch: evaluation counts through that too (and must not mask),
-            # and model.training cannot tell them apart on the first step after loading or resuming.
-            masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batches]
-            num_items = self._get_num_items_in_batch(masked, device)  # type: ignore[attr-defined]
-            # A step without any key token: the model's loss divides its sum (0) by this count, so 0 / 1, not NaN
-            num_items = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
-        return batches, num_items
+        # Only the training loop fetches an optimizer step's micro-batches here; evaluation counts its batches
+        # through _get_num_items_in_batch directly, and must count (and score) every token.
+        self._sftkey_counting_step = self._sftkey_active
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        finally:
+            self._sftkey_counting_step = False
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """The loss denominator of an optimizer step, counted once over its micro-batches and processes as the
+        trainer counts labels: the key tokens in stage 2 (at least 1, so a step without any key token has loss 0,
+        not 0 / 0), the weight sum with ``sftkey_normalize="weights"``, else the trained tokens."""
+        count = super()._get_num_items_in_batch  # type: ignore[misc]
+        if not getattr(self, "_sftkey_counting_step", False) or not batch_samples:
+            return count(batch_samples, device)
+        if self.sftkey_stage == STAGE_KEY_ONLY:
+            masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batch_samples]
+            num_items = count(masked, device)
+            return num_items.clamp(min=1) if torch.is_tensor(num_items) else num_items
+        if self.sftkey_arguments.sftkey_normalize == "weights" and self._sftkey_weighs_tokens():
+            # transformers' own condition for counting at all: otherwise the loss is a mean per micro-batch
+            if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+                raise ValueError(
+                    "sftkey_normalize='weights' needs a loss normalised per optimizer step (num_items_in_batch), "
+                    "which this model's loss does not take: use sftkey_normalize='tokens'."
+                )
+            return self._sftkey_weight_sum(batch_samples, device)
+        return count(batch_samples, device)
+
+    def _sftkey_weight_sum(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Sum of the token weights of an optimizer step, at least 1 (all micro-batches; all processes when the
+        trainer averages tokens across them, as it does the count)."""
+        weights = (self.sftkey_arguments.sftkey_key_weight, self.sftkey_arguments.sftkey_other_weight)
+        total = torch.stack(
+            [
+                weight_sum(shifted(b[SFTKEY_MASK]), b["labels"][..., 1:] != IGNORE_INDEX, *weights).to(device)
+                for b in batch_samples
+            ]
+        ).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total[None]).sum()
+        return total.clamp(min=1.0)  # as TRL clamps its denominator: a step whose weights sum below 1 is not scaled up
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         if not self._sftkey_active:
@@ -117,30 +168,45 @@ class SFTKeyLossMixin:
             self._sftkey_capturing = False
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
-        args = self.sftkey_arguments
-        weighted = args.sftkey_mode == "weighted" and self.model.training  # type: ignore[attr-defined]
-        values = per_token_values(outputs, inputs["labels"], with_grad=weighted)
-        if weighted:
-            if values is None:
-                raise RuntimeError(
-                    "sftkey_mode='weighted' needs per-token losses, but this loss path returns only a total. With "
-                    "trl < 1.10 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
-                )
-            correction = weighted_correction(
-                values[0], shifted(key_mask), args.sftkey_key_weight, args.sftkey_other_weight
-            )
+        if self.model.training and self._sftkey_weighs_tokens():
+            correction = self._sftkey_correction(outputs, inputs["labels"], key_mask)
             loss = loss + correction * self._sftkey_loss_scale(inputs["labels"], num_items_in_batch)
-        self._sftkey_record(values, inputs["labels"], completion_labels, key_mask, stage)
+        self._sftkey_record(
+            per_token_values(outputs, inputs["labels"]), inputs["labels"], completion_labels, key_mask, stage
+        )
         return (loss, result[1]) if return_outputs else loss
+
+    def _sftkey_correction(self, outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """``sum((w - 1) * loss_t)`` over this micro-batch's trained tokens, ``loss_t`` the trainer's own per-token
+        loss (the NLL, or DFT's ``p * NLL`` with ``loss_type="dft"``): added to its ``sum(loss_t)`` it gives the
+        weighted sum. From full logits only the tokens whose weight is not 1 are recomputed (with a graph)."""
+        args = self.sftkey_arguments
+        excess = excess_weights(shifted(key_mask), args.sftkey_key_weight, args.sftkey_other_weight)
+        log_probs = getattr(outputs, "log_probs", None)
+        logits = getattr(outputs, "logits", None)
+        if log_probs is not None:  # TRL >= 1.10's fused LM head: zero where the label is ignored
+            nll, excess = -log_probs, excess.to(log_probs.device)
+        elif logits is not None and logits.dim() == 3 and logits.size(1) == labels.size(1):
+            selected = (excess.to(labels.device) != 0) & (labels[..., 1:] != IGNORE_INDEX)
+            nll = selected_token_nll(logits, labels, selected)
+            excess = excess.to(nll.device)[selected.to(nll.device)]
+        else:
+            raise RuntimeError(
+                "sftkey_mode='weighted' needs per-token losses, but this loss path returns only a total. With "
+                "trl < 1.10 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
+            )
+        if getattr(self.args, "loss_type", None) == "dft":
+            nll = nll * torch.exp(-nll).detach()
+        return (excess * nll).sum()
 
     def _sftkey_loss_scale(self, labels: torch.Tensor, num_items_in_batch: Any) -> Any:
         """The factor the trainer's loss applies to a summed loss: ``1 / n`` times the DDP token-average factor."""
         if num_items_in_batch is None:
             return 1.0 / max(int((labels[..., 1:] != IGNORE_INDEX).sum()), 1)
         scale = 1.0 / torch.as_tensor(num_items_in_batch).clamp(min=1)
-        if self.args.average_tokens_across_devices:  # type: ignore[attr-defined]
+        if self.args.average_tokens_across_devices:
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            scale = scale * (self.accelerator.num_processes // tp_size)  # type: ignore[attr-defined]
+            scale = scale * (self.accelerator.num_processes // tp_size)
         return scale
 
     def _sftkey_record(
@@ -160,8 +226,8 @@ class SFTKeyLossMixin:
         else:
             nll, is_top1 = values
         sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
-        sums = self.accelerator.gather(sums[None]).sum(0)  # type: ignore[attr-defined]
-        mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
+        sums = self.accelerator.gather(sums[None]).sum(0)
+        mode = "train" if self.model.training else "eval"
         # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
         if mode in self._sftkey_sums:
             sums = sums + self._sftkey_sums[mode][0]

@@ -6,8 +6,9 @@ with the *shifted* labels ``labels[:, 1:]`` (shape ``(B, S-1)``), as causal-LM l
 Normalisation: every mode divides by the number of loss tokens of the whole optimizer step (transformers'
 ``num_items_in_batch``: all gradient-accumulation micro-batches, all processes). In stage 2 and ``key_only`` the
 loss tokens *are* the key tokens, so the loss is the mean NLL of the key tokens. In ``weighted`` mode the loss is
-``sum(w_t * nll_t) / n_loss_tokens``: the denominator is the token count, not the weight sum, so 1.0/1.0 is plain
-SFT bit for bit and a larger key weight gives the key tokens a larger share of the gradient.
+``sum(w_t * nll_t) / n_loss_tokens`` by default (``sftkey_normalize="tokens"``): 1.0/1.0 is plain SFT bit for bit
+and a larger key weight gives the key tokens a larger share of the gradient. ``sftkey_normalize="weights"`` divides
+by ``sum(w_t)`` instead (a weighted mean, as LLaMA-Factory's weighted loss), so scaling both weights changes nothing.
 """
 
 from __future__ import annotations
@@ -29,26 +30,23 @@ def shifted(key_mask: torch.Tensor) -> torch.Tensor:
     return key_mask[..., 1:]
 
 
-def weighted_correction(
-    per_token_loss: torch.Tensor, shifted_key_mask: torch.Tensor, key_weight: float, other_weight: float
+def excess_weights(shifted_key_mask: torch.Tensor, key_weight: float, other_weight: float) -> torch.Tensor:
+    """``w - 1`` for each next-token loss: what ``weighted`` mode adds to the plain loss of each token."""
+    mask = shifted_key_mask.float()
+    return (other_weight - 1.0) + (key_weight - other_weight) * mask
+
+
+def weight_sum(
+    shifted_key_mask: torch.Tensor, trained: torch.Tensor, key_weight: float, other_weight: float
 ) -> torch.Tensor:
-    """``sum((w - 1) * loss)``: added to the plain summed loss it gives ``sum(w * loss)``.
-
-    ``per_token_loss`` is zero where the label is ignored, so only trained tokens contribute.
-    """
-    mask = shifted_key_mask.to(per_token_loss.device, per_token_loss.dtype)
-    excess = (other_weight - 1.0) + (key_weight - other_weight) * mask
-    return (excess * per_token_loss).sum()
+    """``sum(w)`` over the trained tokens: the ``sftkey_normalize="weights"`` denominator."""
+    return ((1.0 + excess_weights(shifted_key_mask, key_weight, other_weight)) * trained.float()).sum()
 
 
-def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 1 << 25) -> torch.Tensor:
-    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored, in float32 chunks of rows.
-
-    A chunk holds at most ``chunk_elements`` logits (128 MiB in float32), so a 150k vocabulary is not upcast whole.
-    """
-    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    chunk_size = max(1, chunk_elements // logits.size(-1))
+def _chunked_nll(flat_logits: torch.Tensor, flat_labels: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """Cross-entropy of each row, in float32 chunks of at most ``chunk_elements`` logits (128 MiB by default), so a
+    150k vocabulary is never upcast whole."""
+    chunk_size = max(1, chunk_elements // flat_logits.size(-1))
     pieces = [
         torch.nn.functional.cross_entropy(
             flat_logits[i : i + chunk_size].float(),
@@ -58,8 +56,27 @@ def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: in
         )
         for i in range(0, flat_labels.numel(), chunk_size)
     ]
-    nll = torch.cat(pieces) if pieces else flat_logits.new_zeros(0, dtype=torch.float32)
-    return nll.view(labels.size(0), -1)
+    return torch.cat(pieces) if pieces else flat_logits.new_zeros(0, dtype=torch.float32)
+
+
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored."""
+    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return _chunked_nll(flat_logits, flat_labels, chunk_elements).view(labels.size(0), -1)
+
+
+def selected_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor, chunk_elements: int = 1 << 25
+) -> torch.Tensor:
+    """Next-token NLL of the labels where ``selected`` (aligned with ``labels[:, 1:]``) is true, as a 1-D tensor.
+
+    Only those rows of the logits are gathered and upcast, so a graph through it keeps ``selected.sum()`` rows of
+    float32 log-probabilities, not the whole ``(B, S, V)``.
+    """
+    batch, position = selected.to(logits.device).nonzero(as_tuple=True)
+    # indexing (not reshaping logits[:, :-1], which copies the whole tensor) gathers just the selected rows
+    return _chunked_nll(logits[batch, position], labels.to(logits.device)[batch, position + 1], chunk_elements)
 
 
 def is_top1_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,7 +109,7 @@ def key_metric_sums(
     return torch.stack([(nll * key_scored).sum(), k, r, (nll * other_scored).sum(), o, kt, ct])
 
 
-def metrics_from_sums(sums: torch.Tensor, stage: int, with_accuracy: bool = True) -> dict[str, float]:
+def metrics_from_sums(sums: torch.Tensor, stage: int) -> dict[str, float]:
     """The ``sftkey/*`` metrics; a loss is left out when no token of its kind was scored, rather than logged as 0."""
     key_nll, key_scored, key_right, other_nll, other_scored, key_tokens, completion_tokens = sums.tolist()
     metrics = {f"{METRIC_PREFIX}stage": float(stage)}
@@ -100,8 +117,7 @@ def metrics_from_sums(sums: torch.Tensor, stage: int, with_accuracy: bool = True
         metrics[f"{METRIC_PREFIX}key_fraction"] = key_tokens / completion_tokens
     if key_scored > 0:
         metrics[f"{METRIC_PREFIX}key_loss"] = key_nll / key_scored
-        if with_accuracy:
-            metrics[f"{METRIC_PREFIX}key_token_accuracy"] = key_right / key_scored
+        metrics[f"{METRIC_PREFIX}key_token_accuracy"] = key_right / key_scored
     if other_scored > 0:
         metrics[f"{METRIC_PREFIX}reasoning_loss"] = other_nll / other_scored
     return metrics

@@ -72,10 +72,6 @@ class KeyMask:
     mask: list[int]
     finder: str | None  # the finder that found the key (None: no key span)
 
-    @property
-    def found(self) -> bool:
-        return self.finder is not None
-
 
 def key_mask_for_completion(
     *,

@@ -10,7 +10,10 @@ The tokenizer is passed in (any ``transformers`` fast tokenizer); this module im
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +131,37 @@ def _common_prefix_length(ids: list[int], other: list[int]) -> int:
     return length
 
 
+# Where TRL starts the completion of a prompt/completion record. They differ when the prompt's last token merges with
+# the completion's first (a prompt ending in a space, a completion starting without one): trl < 1.15 starts after as
+# many tokens as the prompt has alone (the merged token is not trained), trl >= 1.15 where the two tokenisations
+# diverge (it is).
+PROMPT_LENGTH = "prompt_length"
+COMMON_PREFIX = "common_prefix"
+COMPLETION_STARTS = (PROMPT_LENGTH, COMMON_PREFIX)
+
+
+@functools.cache
+def installed_trl_completion_start() -> str:
+    """The rule of the installed TRL (read from its metadata: trl is not imported); the newest one without TRL."""
+    try:
+        version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        return COMMON_PREFIX
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    return COMMON_PREFIX if (major, minor) >= (1, 15) else PROMPT_LENGTH
+
+
+def completion_start(prompt_ids: list[int], input_ids: list[int], rule: str | None = None) -> int:
+    """The index of the first completion token of ``input_ids`` under TRL's ``rule`` (see ``COMPLETION_STARTS``;
+    None: the installed TRL's)."""
+    rule = rule or installed_trl_completion_start()
+    if rule == PROMPT_LENGTH:
+        return min(len(prompt_ids), len(input_ids))
+    if rule == COMMON_PREFIX:
+        return _common_prefix_length(prompt_ids, input_ids)
+    raise ValueError(f"Unknown completion start rule {rule!r}: expected one of {list(COMPLETION_STARTS)}.")
+
+
 def tokenize_with_key_mask(
     example: Mapping[str, Any],
     tokenizer: Any,
@@ -136,9 +170,13 @@ def tokenize_with_key_mask(
     text_field: str = "text",
     assistant_only_loss: bool = False,
     chat_template: str | None = None,
+    completion_start_rule: str | None = None,
 ) -> dict[str, Any]:
     """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them), ``sftkey_mask`` and
-    ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not found after templating)."""
+    ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not found after templating).
+
+    ``completion_start_rule``: where a prompt/completion record's completion starts (``COMPLETION_STARTS``); by
+    default the installed TRL's rule, so the trained tokens are the ones stock ``SFTTrainer`` trains."""
     eos = tokenizer.eos_token
     template_kwargs: dict[str, Any] = {}
     output: dict[str, Any] = {}
@@ -193,7 +231,7 @@ def tokenize_with_key_mask(
     if prompt_text is not None:
         add_special = conversation is None  # TRL tokenises chat renders without special tokens, plain text with
         prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
-        prompt_length = _common_prefix_length(prompt_ids, input_ids)
+        prompt_length = completion_start(prompt_ids, input_ids, completion_start_rule)
         output["completion_mask"] = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
 
     if located is None:

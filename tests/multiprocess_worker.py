@@ -33,6 +33,13 @@ MODES: dict[str, dict[str, Any]] = {
     "two_stage": {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 2},
     "key_only": {"sftkey_mode": "key_only"},
     "weighted": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0, "sftkey_other_weight": 0.5, **PER_TOKEN},
+    "weighted_by_weights": {
+        "sftkey_mode": "weighted",
+        "sftkey_key_weight": 3.0,
+        "sftkey_other_weight": 0.5,
+        "sftkey_normalize": "weights",
+        **PER_TOKEN,
+    },
 }
 # With 2 processes and 2 rows each, step k gives rows 4k, 4k+1 to process 0 and rows 4k+2, 4k+3 to process 1
 # (sequential sampler, accelerate's batch sharding). These rows have no key span: process 1 has no key token in
@@ -97,14 +104,19 @@ def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]
     """What a finished run is compared by: world size, train logs, gradients, final weights, micro-batches."""
     return {
         "world_size": trainer.accelerator.num_processes,
+        "max_steps": trainer.state.max_steps,
+        "num_train_epochs": trainer.state.num_train_epochs,
+        "optim": str(trainer.args.optim),
+        "learning_rate": trainer.args.learning_rate,
         "logs": [h for h in trainer.state.log_history if "loss" in h],
         "grads": gradients.steps,
         "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
         "micro_batches": trainer.micro_batches,
+        "first_rows": [trainer.train_dataset[i] for i in range(GLOBAL_BATCH)],  # the first step's rows, in order
     }
 
 
-def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[str, Any]:
+def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overrides: Any) -> dict[str, Any]:
     """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights."""
     recorder = GradientRecorder()
     trainer = trainer_for(
@@ -117,6 +129,7 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[
         per_device_train_batch_size=per_device_batch,
         max_grad_norm=0.0,  # compare raw gradients, not clipped ones
         **MODES[mode],
+        **overrides,
     )
     trainer.add_callback(recorder)
     record_micro_batches(trainer)

@@ -37,7 +37,7 @@ def _base_config(tiny_dir: str, data: str, prepared: str, output_dir: str) -> di
         "gradient_accumulation_steps": 1,
         "max_steps": 4,
         "learning_rate": 0.002,
-        "optimizer": "adamw_torch",
+        "optimizer": "sgd",  # linear in the gradient: runs compared step by step stay within rounding (see test_trl)
         "lr_scheduler": "constant",
         "logging_steps": 1,
         "seed": 0,
@@ -359,6 +359,37 @@ def test_two_processes_with_packing(workdir):
     assert len(logs) == 4
     for entry in logs:
         assert entry["loss"] == pytest.approx(entry["sftkey/key_loss"], rel=1e-5)
+
+
+def test_stage_by_epoch_switches_at_the_real_epoch_boundary_with_packing(workdir):
+    """With sample_packing Axolotl sets max_steps from its own count of packed steps, which rounds the last partial
+    accumulation step of an epoch down (16 bins, 3 accumulated: it plans 5 steps an epoch, the trainer runs 6);
+    ``sftkey_stage2_epoch: 1`` still starts stage 2 with the first step of the second epoch (where the trainer's
+    epoch counter reaches 1), not after max_steps / num_train_epochs steps."""
+    overrides = {
+        "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
+        "sftkey_mode": "two_stage",
+        "sftkey_stage2_epoch": 1,
+        "num_epochs": 2,
+        "max_steps": None,
+        "sample_packing": True,
+        "pad_to_sequence_len": True,
+        "sequence_len": 192,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 3,
+        "save_strategy": "no",
+        "save_steps": None,
+    }
+    path, config = _full_finetune_config(workdir, "epoch_packed", overrides)
+    _train([sys.executable, "-m", "axolotl.cli.train", str(path)], workdir)
+    record = torch.load(Path(config["output_dir"]) / "record-rank0.pt")
+    epochs, stages = [h["epoch"] for h in record["logs"]], [h["sftkey/stage"] for h in record["logs"]]
+    first = stages.index(2)
+    print(f"\nAxolotl packed, 2 epochs: max_steps {record['max_steps']}, epochs {epochs}, stages {stages}")
+    assert 0 < first < len(stages) and stages == [1] * first + [2] * (len(stages) - first)
+    assert epochs[first - 1] == pytest.approx(1.0) and epochs[first] > 1.0
+    # converted through max_steps / num_train_epochs, stage 2 would have started elsewhere
+    assert math.ceil(record["max_steps"] / record["num_train_epochs"]) != first
 
 
 def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):

@@ -18,6 +18,20 @@ from sftkey_plugin.examples import arithmetic_records
 FUSED_HEAD = Version(trl.__version__) >= Version("1.10")
 PER_TOKEN = {} if FUSED_HEAD else {"loss_type": "nll"}
 
+# float32 carries 24 bits: one rounding is 2**-24 relative, and summing a gradient in another order (2 processes,
+# gradient accumulation, a padded batch against rows one by one) moves it by a few hundred roundings at most. So
+# gradients and losses computed two ways must agree to GRAD_RTOL of their scale.
+GRAD_RTOL = 2.0**-24 * 300
+
+
+def assert_gradients_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """Every gradient within GRAD_RTOL of the largest expected one; returns the largest difference."""
+    assert actual.keys() == expected.keys() and expected
+    scale = max(float(g.abs().max()) for g in expected.values())
+    diff = max(float((actual[n] - expected[n]).abs().max()) for n in expected)
+    assert diff <= GRAD_RTOL * scale, (diff, scale)
+    return diff
+
 
 def config(out, **overrides) -> SFTKeyConfig:
     values = dict(
@@ -29,6 +43,9 @@ def config(out, **overrides) -> SFTKeyConfig:
         logging_steps=1,
         max_steps=3,
         per_device_train_batch_size=4,
+        # Plain SGD: its update is linear in the gradient, so a 1e-7 rounding difference between two runs (another
+        # processor, process count or batch split) stays a 1e-10 weight difference; Adam turns it into about +-lr.
+        optim="sgd",
         learning_rate=1e-3,
         seed=0,
         train_sampling_strategy="sequential",
@@ -41,11 +58,12 @@ def config(out, **overrides) -> SFTKeyConfig:
     return SFTKeyConfig(**values)
 
 
-def trainer_for(tiny_dir, records, out, trainer_cls=SFTKeyTrainer, peft_config=None, **overrides):
+def trainer_for(tiny_dir, records, out, trainer_cls=SFTKeyTrainer, peft_config=None, callbacks=None, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = config(out, **overrides)
     kwargs = {"peft_config": peft_config} if peft_config is not None else {}
+    kwargs.update({"callbacks": callbacks} if callbacks is not None else {})
     trainer = trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(tiny_dir),
         args=args,
@@ -66,18 +84,36 @@ def logged(trainer, key) -> list[float]:
     return [h[key] for h in trainer.state.log_history if "loss" in h]
 
 
+def merges_with_completion(tokenizer, record) -> bool:
+    """Whether the prompt's last token merges with the completion's first (the prompt alone is no token prefix)."""
+    prompt = tokenizer(record["prompt"])["input_ids"]
+    return tokenizer(record["prompt"] + record["completion"])["input_ids"][: len(prompt)] != prompt
+
+
 @pytest.mark.parametrize("packing", [False, True])
-def test_weighted_one_one_is_stock_sft(tiny_dir, tmp_path, packing):
-    records = arithmetic_records(24, seed=1, form="prompt_completion")
+@pytest.mark.parametrize("form", ["prompt_completion", "prompt_completion_text"])
+def test_weighted_one_one_is_stock_sft(tiny_dir, tokenizer, tmp_path, packing, form):
+    """The same trained tokens and the same training as stock ``SFTTrainer``, also where the prompt ("...Response: ")
+    merges with the completion (" <" is one token), which trl < 1.15 and >= 1.15 treat differently."""
+    records = arithmetic_records(24, seed=1, form=form)
+    if form == "prompt_completion_text":
+        assert all(merges_with_completion(tokenizer, r) for r in records)
     common = dict(packing=packing, **PER_TOKEN)
     stock = trainer_for(tiny_dir, records, tmp_path / "stock", trl.SFTTrainer, **common)
-    stock.train()
     key = trainer_for(tiny_dir, records, tmp_path / "key", sftkey=True, sftkey_mode="weighted", **common)
+
+    def no_correction(*args):
+        raise AssertionError("weighted 1.0/1.0 must not compute a correction: it is zero")
+
+    key._sftkey_correction = no_correction
+    for column in ("input_ids", "labels"):
+        assert key.train_dataset[column] == stock.train_dataset[column], column
+    stock.train()
     key.train()
     assert len(losses(stock)) == 3
-    assert losses(key) == pytest.approx(losses(stock), abs=1e-6)
+    assert losses(key) == losses(stock)  # the same computation: bit for bit
     for (name, p), q in zip(stock.model.named_parameters(), key.model.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+        assert torch.equal(p, q), name
 
 
 def first_batch(trainer):
@@ -146,6 +182,90 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_dir, tmp_path, mode, extra):
         assert torch.allclose(big[name], small[name], atol=1e-6, rtol=1e-4), name
 
 
+def hand_weighted_loss(model, rows, key_weight, other_weight, normalize="tokens", dft=False):
+    """``sum(w * loss_t) / n`` over ``rows`` (dicts with ``input_ids``, ``labels``, ``sftkey_mask``) from the model's
+    own logits, written out here: ``loss_t`` is the NLL of label t+1 (times its detached probability for DFT), ``w``
+    ``key_weight`` on key tokens and ``other_weight`` on the other trained ones, ``n`` the number of trained tokens
+    or the sum of their weights. Returns the loss (with a graph, for its gradients)."""
+    total, denominator = 0.0, 0.0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        for t, (label, key) in enumerate(zip(row["labels"][1:], row["sftkey_mask"][1:])):
+            if label == -100:
+                continue
+            nll = -log_probs[t, label]
+            loss_t = nll * torch.exp(-nll).detach() if dft else nll
+            w = key_weight if key else other_weight
+            total = total + w * loss_t
+            denominator += w if normalize == "weights" else 1
+    return total / max(denominator, 1)
+
+
+def hand_step(tiny_dir, rows, **weights):
+    """The hand-computed loss of one optimizer step over ``rows`` from the initial tiny model, and its gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    loss = hand_weighted_loss(model, rows, **weights)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def dataset_rows(trainer, n: int) -> list[dict]:
+    """The first ``n`` prepared rows of the trainer's train dataset (its first optimizer step, sampled in order)."""
+    return [trainer.train_dataset[i] for i in range(n)]
+
+
+@pytest.mark.skipif(not FUSED_HEAD, reason="trl < 1.10 runs DFT through compute_loss_func; refused there (below)")
+def test_weighted_dft_weighs_the_dft_loss(tiny_dir, tmp_path):
+    """``loss_type="dft"`` + weighted 3.0/0.5: the loss is ``sum(w * p * NLL) / n`` (DFT's per-token loss weighted),
+    not DFT plus a plain-NLL correction."""
+    records = arithmetic_records(4, seed=3, form="prompt_completion")
+    trainer = trainer_for(
+        tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="weighted", sftkey_key_weight=3.0,
+        sftkey_other_weight=0.5, loss_type="dft", max_steps=1,
+    )  # fmt: skip
+    expected, expected_grads = hand_step(tiny_dir, dataset_rows(trainer, 4), key_weight=3.0, other_weight=0.5, dft=True)
+    grads = gradients_of_first_step(trainer)
+    assert losses(trainer)[0] == pytest.approx(expected, rel=GRAD_RTOL)
+    assert_gradients_close(grads, expected_grads)
+    plain, _ = hand_step(tiny_dir, dataset_rows(trainer, 4), key_weight=1.0, other_weight=1.0, dft=True)
+    assert expected != pytest.approx(plain, rel=1e-3)  # the weights matter
+
+
+@pytest.mark.skipif(FUSED_HEAD, reason="trl >= 1.10 weighs DFT's per-token loss (test above)")
+def test_dft_is_refused_where_it_has_no_per_token_loss(tiny_dir, tmp_path):
+    records = arithmetic_records(4, seed=3, form="prompt_completion")
+    with pytest.raises(ValueError, match="loss_type='dft' on trl"):
+        trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="weighted", loss_type="dft")
+
+
+def test_stage_two_counts_each_optimizer_step_once(tiny_dir, tmp_path, monkeypatch):
+    """The loss denominator of a step (a count over its micro-batches, all-gathered across processes) is counted
+    once in stage 1 and once in stage 2, where it is the key-token count."""
+    import transformers
+
+    counted = []
+    stock_count = transformers.Trainer._get_num_items_in_batch
+
+    def counting(self, batches, device):
+        counted.append(self.state.global_step)
+        return stock_count(self, batches, device)
+
+    monkeypatch.setattr(transformers.Trainer, "_get_num_items_in_batch", counting)
+    records = arithmetic_records(16, seed=4, form="prompt_completion")
+    trainer = trainer_for(
+        tiny_dir, records, tmp_path, sftkey=True, sftkey_stage2_steps=2, max_steps=4, gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )  # fmt: skip
+    trainer.train()
+    assert counted == [0, 1, 2, 3]
+    assert logged(trainer, "sftkey/stage") == [1, 1, 2, 2]
+    stage2 = [h for h in trainer.state.log_history if h.get("sftkey/stage") == 2]
+    assert all(h["loss"] == pytest.approx(h["sftkey/key_loss"], rel=GRAD_RTOL) for h in stage2)
+
+
 @pytest.mark.parametrize("mode", ["key_only", "weighted", "two_stage"])
 def test_packing_on_and_off_give_the_same_loss(tiny_dir, tmp_path, mode):
     records = arithmetic_records(8, seed=4, form="prompt_completion")
@@ -156,6 +276,43 @@ def test_packing_on_and_off_give_the_same_loss(tiny_dir, tmp_path, mode):
     assert len(packed.train_dataset) == 1  # all 8 examples in one bin: the same tokens in one step
     packed.train()
     assert losses(packed) == pytest.approx(losses(unpacked), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"packing": True, "packing_strategy": "bfd_split", "max_length": 96},
+        {"packing": True, "packing_strategy": "wrapped", "max_length": 96},
+        {"padding_free": True, "max_length": None},
+    ],
+    ids=["bfd_split", "wrapped", "padding_free"],
+)
+def test_packing_layouts_carry_the_mask_and_train_as_stock(tiny_dir, tmp_path, layout):
+    """Each layout the README lists: the rows are stock TRL's, every key token keeps its place (the same key tokens
+    as without packing, each on a trained position), and weighted 1.0/1.0 trains exactly as stock."""
+    from collections import Counter
+
+    records = arithmetic_records(12, seed=9, form="prompt_completion")
+    common = dict(per_device_train_batch_size=2, **layout, **PER_TOKEN)
+    stock = trainer_for(tiny_dir, records, tmp_path / "stock", trl.SFTTrainer, **common)
+    key = trainer_for(tiny_dir, records, tmp_path / "key", sftkey=True, sftkey_mode="weighted", **common)
+    unpacked = trainer_for(tiny_dir, records, tmp_path / "plain", sftkey=True, sftkey_mode="weighted", max_length=None)
+    for column in {"input_ids", "labels", "seq_lengths"} & set(stock.train_dataset.column_names):
+        assert key.train_dataset[column] == stock.train_dataset[column], column
+
+    def key_tokens(dataset) -> Counter:
+        return Counter(t for row in dataset for t, m in zip(row["input_ids"], row["sftkey_mask"]) if m)
+
+    assert key_tokens(key.train_dataset) == key_tokens(unpacked.train_dataset)
+    assert sum(key_tokens(key.train_dataset).values()) >= 5 * len(records)
+    for row in key.train_dataset:
+        assert all(label != -100 for label, m in zip(row["labels"], row["sftkey_mask"]) if m)
+
+    stock.train()
+    key.train()
+    assert losses(key) == losses(stock)
+    for (name, p), q in zip(stock.model.named_parameters(), key.model.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_two_stage_switches_at_the_configured_step_and_after_resume(tiny_dir, tmp_path):
@@ -197,6 +354,35 @@ def test_stage_by_ratio_and_by_epoch(tiny_dir, tmp_path):
     )
     by_epoch.train()
     assert logged(by_epoch, "sftkey/stage") == [1, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_stage_by_epoch_follows_the_real_epoch_boundary(tiny_dir, tmp_path):
+    """4 steps per epoch, max_steps 6 (2 epochs, the second cut short): stage 2 starts with the 5th step, where the
+    second epoch begins, not at the 4th as converting through max_steps / num_train_epochs (6 / 2) would have it."""
+    records = arithmetic_records(16, seed=6, form="prompt_completion")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_stage2_epoch=1, max_steps=6)
+    trainer.train()
+    assert logged(trainer, "epoch") == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert logged(trainer, "sftkey/stage") == [1, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("config_start", "callback", "stages"),
+    [
+        ({"sftkey_stage2_steps": 1}, SFTKeyCallback(), [1, 2, 2, 2]),  # no argument: the config's start
+        ({"sftkey_stage2_epoch": 0.75}, SFTKeyCallback(), [1, 1, 1, 2]),
+        ({"sftkey_stage2_steps": 1}, SFTKeyCallback(stage2_ratio=0.75), [1, 1, 1, 2]),  # given: it overrides
+        ({"sftkey_stage2_ratio": 0.25}, SFTKeyCallback(stage2_steps=2), [1, 1, 2, 2]),
+    ],
+)
+def test_callback_passed_by_the_user_overrides_only_what_it_is_given(
+    tiny_dir, tmp_path, config_start, callback, stages
+):
+    records = arithmetic_records(16, seed=6, form="prompt_completion")
+    trainer = trainer_for(tiny_dir, records, tmp_path, callbacks=[callback], sftkey=True, max_steps=4, **config_start)
+    assert trainer.sftkey_callback is callback
+    trainer.train()
+    assert logged(trainer, "sftkey/stage") == stages
 
 
 def awkward_records() -> list[dict]:
@@ -317,6 +503,10 @@ def test_unsupported_settings_are_refused(tiny_dir, tmp_path):
     records = arithmetic_records(4, seed=12, form="prompt_completion")
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         trainer_for(tiny_dir, records, tmp_path, sftkey=True, label_smoothing_factor=0.1)
+    # refused before the data is prepared: these records would fail in tokenisation
+    unreadable = [{"prompt": "Say hi.", "completion": 5}] * 4
+    with pytest.raises(ValueError, match="use_liger_kernel=False"):
+        trainer_for(tiny_dir, unreadable, tmp_path, sftkey=True, use_liger_kernel=True)
     if not FUSED_HEAD:
         with pytest.raises(ValueError, match="loss_type='nll'"):
             trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="weighted")

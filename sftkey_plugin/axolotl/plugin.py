@@ -58,10 +58,6 @@ def route_logs_to_axolotl() -> None:
             logger.removeFilter(log_filter)
 
 
-def _is_rl(cfg: Any) -> bool:
-    return bool(cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"))
-
-
 class SFTKeyPlugin(BasePlugin):
     """SFTKey for Axolotl: ``sftkey: true`` plus the ``sftkey_*`` keys (same names and meanings as on the TRL side).
 
@@ -69,7 +65,8 @@ class SFTKeyPlugin(BasePlugin):
       options' hash to ``dataset_prepared_path`` (Axolotl's dataset hash ignores plugin keys).
     - ``get_input_args``: the ``sftkey_*`` keys and the validators.
     - ``get_training_args``: counts loss tokens over all processes (``average_tokens_across_devices``).
-    - ``get_trainer_cls``: ``SFTKeyAxolotlTrainer`` (None when sftkey is off or an RL/reward trainer is configured).
+    - ``get_trainer_cls``: ``SFTKeyAxolotlTrainer`` (None when sftkey is off; RL and reward trainers are refused by
+      the validators).
     """
 
     def register(self, cfg: dict) -> None:
@@ -90,7 +87,7 @@ class SFTKeyPlugin(BasePlugin):
         return "sftkey_plugin.axolotl.args.SFTKeyInputArgs"
 
     def get_training_args(self, cfg: Any) -> dict[str, Any] | None:
-        if not cfg.get("sftkey") or _is_rl(cfg):
+        if not cfg.get("sftkey"):
             return None
         # Axolotl 0.19 turns this off, so each process divides by its own token count and DDP averages the results:
         # in a key-only step a process without key tokens adds a 0 to that average, and one with few key tokens
@@ -98,14 +95,14 @@ class SFTKeyPlugin(BasePlugin):
         return {"average_tokens_across_devices": True}
 
     def get_trainer_cls(self, cfg: Any):  # type: ignore[no-untyped-def]
-        if not cfg.get("sftkey") or _is_rl(cfg):
+        if not cfg.get("sftkey"):
             return None
         from .trainer import SFTKeyAxolotlTrainer
 
         return SFTKeyAxolotlTrainer
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        if not cfg.get("sftkey") or _is_rl(cfg):
+        if not cfg.get("sftkey"):
             return
         from .trainer import SFTKeyAxolotlTrainer
 

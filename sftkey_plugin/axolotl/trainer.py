@@ -13,6 +13,7 @@ import inspect
 import logging
 from typing import Any
 
+from accelerate import PartialState
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
@@ -114,11 +115,12 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         validate_sftkey_arguments(arguments)
         # The top-level module: PEFT calls the base model's ``forward`` directly, which skips its hooks
         self._sftkey_setup(arguments, self.model)
-        self.sftkey_callback.data_stats = [
-            self._sftkey_prepare_dataset(name, arguments)
-            for name in ("train_dataset", "eval_dataset")
-            if getattr(self, name, None) is not None
-        ]
+        with PartialState().main_process_first():  # as Axolotl prepares data: the others then read the cached maps
+            self.sftkey_callback.data_stats = [
+                self._sftkey_prepare_dataset(name, arguments)
+                for name in ("train_dataset", "eval_dataset")
+                if getattr(self, name, None) is not None
+            ]
         self._sftkey_configured = True
 
     def train(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]

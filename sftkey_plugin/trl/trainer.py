@@ -6,7 +6,10 @@ import copy
 import logging
 from typing import Any
 
+import trl
+from accelerate import PartialState
 from datasets import Dataset
+from packaging.version import Version
 from trl import SFTTrainer
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
 
@@ -19,6 +22,9 @@ from ..stats import CUT, FOUND, KeyDataStats, key_status
 from ..tokenize import MarkingOptions, mark_token_ids, require_fast_tokenizer, tokenize_with_key_mask
 
 logger = logging.getLogger("sftkey_plugin")
+
+# trl 1.10 added the fused LM head that returns per-token log-probs (and computes DFT from them)
+FUSED_HEAD = Version(trl.__version__) >= Version("1.10")
 
 _STAT_COLUMNS = ("sftkey_finder", "sftkey_status", "sftkey_key_tokens", "sftkey_completion_tokens")
 
@@ -36,6 +42,24 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
         "sftkey_key_tokens": sum(kept),
         "sftkey_completion_tokens": sum(trained[keep]),
     }
+
+
+def _reject_unsupported_arguments(args: Any) -> None:
+    """Training arguments SFTKey cannot honour: refused before any data is prepared."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
+    if args.sftkey_mode == "weighted" and args.loss_type == "chunked_nll":
+        raise ValueError(
+            "sftkey_mode='weighted' needs per-token losses, which trl's chunked_nll does not return: set "
+            "loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
+        )
+    if args.loss_type == "dft" and not FUSED_HEAD:
+        raise ValueError(
+            f"loss_type='dft' on trl {trl.__version__} runs through compute_loss_func, which gives SFTKey no per-token "
+            "losses to weigh or mask: use loss_type='nll', or trl >= 1.10, where SFTKey weighs DFT's per-token loss."
+        )
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
 
 
 class SFTKeyMixin(SFTKeyLossMixin):
@@ -57,21 +81,13 @@ class SFTKeyMixin(SFTKeyLossMixin):
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
 
     def _sftkey_reject_unsupported(self) -> None:
-        """Settings SFTKey cannot honour: refuse them rather than train wrongly."""
+        """Settings SFTKey cannot honour, known once the trainer is built: refuse them rather than train wrongly."""
+        _reject_unsupported_arguments(self.args)
         config = self.accelerator.parallelism_config
         if config is not None and (config.cp_enabled or getattr(config, "sp_enabled", False)):
             raise ValueError("SFTKey does not support context or sequence parallelism: the key mask is not sharded.")
         if self.compute_loss_func is not None:
             raise ValueError("SFTKey computes the loss itself: remove compute_loss_func (or set sftkey=False).")
-        if getattr(self.args, "use_liger_kernel", False):
-            raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
-        if self.args.sftkey_mode == "weighted" and self.args.loss_type == "chunked_nll":
-            raise ValueError(
-                "sftkey_mode='weighted' needs per-token losses, which trl's chunked_nll does not return: set "
-                "loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
-            )
-        if getattr(self.args, "label_smoothing_factor", 0.0):
-            raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
@@ -83,10 +99,30 @@ class SFTKeyMixin(SFTKeyLossMixin):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)  # type: ignore[misc]
         arguments = sftkey_arguments_from(args)
         validate_sftkey_arguments(arguments)
+        _reject_unsupported_arguments(args)
         if not isinstance(dataset, Dataset):
             raise ValueError("SFTKey needs a map-style datasets.Dataset (streaming/IterableDataset is not supported).")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         require_fast_tokenizer(tokenizer)
+        # As TRL prepares data: the main process first, the others then find its cached results
+        with PartialState().main_process_first():
+            return self._sftkey_prepare(
+                dataset, processing_class, tokenizer, args, arguments, packing, formatting_func, dataset_name
+            )
+
+    def _sftkey_prepare(
+        self,
+        dataset: Dataset,
+        processing_class: Any,
+        tokenizer: Any,
+        args: Any,
+        arguments: SFTKeyArguments,
+        packing: bool,
+        formatting_func: Any,
+        dataset_name: str,
+    ) -> Dataset:
+        """TRL's preparation with the key mask made in the same tokenisation and carried through truncation, the
+        ``sftkey_on_missing`` policy and packing."""
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
 
         if "input_ids" not in dataset.column_names:
