@@ -217,7 +217,7 @@ class SFTKeyLossMixin:
         key_mask: torch.Tensor,
         stage: int,
     ) -> None:
-        """Add this micro-batch's key/reasoning sums (gathered over processes) to the buffer of its mode."""
+        """Add this micro-batch's key/reasoning sums to this process's buffer of its mode (reduced when logged)."""
         scored = labels[..., 1:] != IGNORE_INDEX
         completion = completion_labels[..., 1:] != IGNORE_INDEX
         if values is None:
@@ -226,7 +226,6 @@ class SFTKeyLossMixin:
         else:
             nll, is_top1 = values
         sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
-        sums = self.accelerator.gather(sums[None]).sum(0)
         mode = "train" if self.model.training else "eval"
         # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
         if mode in self._sftkey_sums:
@@ -238,6 +237,8 @@ class SFTKeyLossMixin:
         buffered = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
         if buffered is not None:
             sums, stage = buffered
+            # one collective per log, not per micro-batch: every process logs at the same step, with its own sums
+            sums = self.accelerator.gather(sums[None]).sum(0)
             prefix = "eval_" if mode == "eval" else ""
             # in place, as Trainer.evaluate returns the dict it logged
             logs.update({prefix + k: v for k, v in metrics_from_sums(sums.cpu(), stage).items()})

@@ -82,10 +82,23 @@ class GradientRecorder(TrainerCallback):
         self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
+METRIC_SUMS = 7  # the length of the vector of sftkey/* metric sums (sftkey_plugin.loss.key_metric_sums)
+
+
 def record_micro_batches(trainer: Any) -> None:
-    """Wrap ``trainer.compute_loss`` to note, per training micro-batch, this process's key-token count, stage, loss."""
+    """Wrap ``trainer.compute_loss`` to note, per training micro-batch, this process's key-token count, stage, loss;
+    and ``trainer.accelerator.gather`` to note the step of each gather of metric sums (``trainer.metric_gathers``)."""
     compute_loss = trainer.compute_loss
+    gather = trainer.accelerator.gather
     trainer.micro_batches = []
+    trainer.metric_gathers = []
+
+    def counting_gather(tensor):  # type: ignore[no-untyped-def]
+        if torch.is_tensor(tensor) and tensor.shape == (1, METRIC_SUMS):
+            trainer.metric_gathers.append(trainer.state.global_step)
+        return gather(tensor)
+
+    trainer.accelerator.gather = counting_gather
 
     def recording(model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         if trainer.model.training:
@@ -112,6 +125,7 @@ def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]
         "grads": gradients.steps,
         "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
         "micro_batches": trainer.micro_batches,
+        "metric_gathers": trainer.metric_gathers,
         "first_rows": [trainer.train_dataset[i] for i in range(GLOBAL_BATCH)],  # the first step's rows, in order
     }
 

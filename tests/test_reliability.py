@@ -120,6 +120,9 @@ def assert_same_training(mode: str, multi: dict[str, Any], single: dict[str, Any
     )
     assert grad_diff < grad_tol and weight_diff < weight_tol
 
+    # the metric sums are reduced once per log (every step here), not once per micro-batch
+    assert multi["metric_gathers"] == single["metric_gathers"] == list(range(1, len(single["logs"]) + 1))
+
     rank0, rank1 = ranks
     assert all(math.isfinite(m["loss"]) for m in rank0 + rank1 + single["micro_batches"])
     keyless_steps = {m["step"] for m in rank1 if m["key_tokens"] == 0}
