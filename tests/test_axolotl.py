@@ -209,7 +209,9 @@ def test_stage_one_is_plain_sft(runs, off, on):
     off_logs, on_logs = _train_logs(runs[off]["history"]), _train_logs(runs[on]["history"])
     assert on_logs[0]["loss"] == pytest.approx(off_logs[0]["loss"], rel=1e-4)
     assert on_logs[0]["grad_norm"] == pytest.approx(off_logs[0]["grad_norm"], rel=1e-3)
-    assert on_logs[2]["loss"] != pytest.approx(off_logs[2]["loss"], rel=1e-3)
+    # stage 2's key-token gradient is another gradient (its loss, ~ln(vocab) on any token of this untrained model,
+    # need not move much): on the unpacked runs its norm was 0.87 against 0.64
+    assert on_logs[2]["grad_norm"] != pytest.approx(off_logs[2]["grad_norm"], rel=0.1)
 
 
 def test_weighted_one_one_is_plain_sft(runs):

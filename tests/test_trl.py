@@ -257,7 +257,7 @@ def test_stage_two_counts_each_optimizer_step_once(tiny_dir, tmp_path, monkeypat
     records = arithmetic_records(16, seed=4, form="prompt_completion")
     trainer = trainer_for(
         tiny_dir, records, tmp_path, sftkey=True, sftkey_stage2_steps=2, max_steps=4, gradient_accumulation_steps=2,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=2, **PER_TOKEN,
     )  # fmt: skip
     trainer.train()
     assert counted == [0, 1, 2, 3]
