@@ -12,10 +12,10 @@ reasoning in a separate field (``reasoning_content``) is the answer alone: there
 ``field`` (when their option is given), then ``content`` (the whole message content).
 
 ``answer_is`` knows English ("The answer is (B)", "Final Answer: ...") and Chinese ("答案是 A。", "答案为：42",
-"最终答案：（B）") answer phrases. Another language is one ``regex`` away, e.g. Japanese
-``sftkey_finder: regex`` with ``sftkey_finder_options: {pattern: "(?P<key>答えは\\s*\\S+?)(?=[。\\n]|$)"}``; a finder that
-should also take part in ``auto`` is a third-party finder (``sftkey_plugin.hookspecs``) listed in the
-``auto_order`` option, e.g. ``{auto_order: [tags, think, gsm8k, boxed, answer_is, answer_ja]}``.
+"最终答案：（B）") answer phrases. Another language is one ``regex`` away, e.g. Japanese ``sftkey_finder: regex``
+with ``sftkey_finder_options: {pattern: "(?P<key>答えは\\s*[^。\\n]+)"}``; a finder that should also take part in
+``auto`` is a third-party finder (``sftkey_plugin.hookspecs``) listed in the ``auto_order`` option, e.g.
+``{auto_order: [tags, think, gsm8k, boxed, answer_is, answer_ja]}``.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ _ANSWER_IS = re.compile(
 )
 
 
-# Chinese: 答案是 / 答案为 / 最终答案：(traditional 為/終 too), 是/为 or a full-width or ASCII colon, then the answer up to
-# a full-width stop or comma, a sentence-ending ASCII stop or the line's end; (B) and （B） both count.
+# Chinese: 答案是 / 答案为 / 最终答案：(traditional 為/終 too): 是/为 or a full-width or ASCII colon, then the
+# answer up to a full-width stop or comma, a sentence-ending ASCII stop or the line's end; (B) and （B） both count.
 _ANSWER_IS_ZH = re.compile(
     r"(?m)(?:最[终終]|正确|正確)?答案\s*(?:应该|应|應該|應)?\s*(?:(?:是|为|為)\s*[:：]?|[:：])\s*"
     r"(?:\$[^$\n]+\$|[(（][A-Za-z0-9][)）]|[^\s。，；！？][^\n。，；！？]*?)"
