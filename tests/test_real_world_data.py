@@ -4,12 +4,19 @@ and the ``sftkey_min_found`` refusal before the first step."""
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+from test_trl import trainer_for
 
 from sftkey_plugin import find_key_spans
+from sftkey_plugin.cli.main import main
+from sftkey_plugin.examples import arithmetic_records
 from sftkey_plugin.masking import IGNORE_INDEX
 from sftkey_plugin.tokenize import MarkingOptions, key_mask_from_token_ids, mark_token_ids, tokenize_with_key_mask
 
@@ -307,3 +314,123 @@ def test_token_id_marking_every_trained_turn(tokenizer: Any) -> None:
     assert marked.mask == encoded["sftkey_mask"] and (marked.turns, len(marked.finders)) == (2, 2)
     last = key_mask_from_token_ids(encoded["input_ids"], labels, tokenizer, MarkingOptions(turns="last"))
     assert key_runs(tokenizer, {"input_ids": encoded["input_ids"], "sftkey_mask": last.mask}) == [f"#### 4{EOS}"]
+
+
+# --- the trainers: no silent no-op, and reasoning/multi-turn data end to end ---------------------------------------
+
+
+def keyless_records(n: int = 8) -> list[dict[str, Any]]:
+    return [{"messages": [_user(f"Hi {i}"), _assistant("Hello there.")]} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "weights"),
+    [("two_stage", {}), ("key_only", {}), ("weighted", {"sftkey_key_weight": 2.0})],
+)
+def test_trl_refuses_to_start_without_key_spans(tiny_dir: str, tmp_path: Path, mode: str, weights: dict) -> None:
+    """Nothing to key on: the trainer stops while it is built, before any step, and says what to look at."""
+    with pytest.raises(ValueError) as refused:
+        trainer_for(tiny_dir, keyless_records(), tmp_path, sftkey=True, sftkey_mode=mode, **weights)
+    message = str(refused.value)
+    assert "SFTKey will not train: 0 of 8 train examples (0.0%) keep a key span, below sftkey_min_found=0.5" in message
+    assert f"sftkey_mode={mode} needs key tokens" in message
+    assert "Data form: messages." in message
+    assert (
+        "Finders tried: tags, think, gsm8k, boxed, answer_is; for assistant messages with separate reasoning:"
+        in message
+    )
+    assert f"sftkey preview YOUR_DATA.jsonl --tokenizer {tiny_dir} --max-length 128" in message
+    assert "8 examples have no key span" in message
+
+
+def test_trl_min_found_threshold_and_off_switches(tiny_dir: str, tmp_path: Path) -> None:
+    half = [*arithmetic_records(4, seed=3), *keyless_records(4)]
+    trainer = trainer_for(tiny_dir, half, tmp_path / "half", sftkey=True)  # 4 of 8 = 0.5: enough
+    assert trainer.sftkey_callback.data_stats[0].found == 4
+    with pytest.raises(
+        ValueError, match=r"4 of 8 train examples \(50.0%\) keep a key span, below sftkey_min_found=0.6"
+    ):
+        trainer_for(tiny_dir, half, tmp_path / "strict", sftkey=True, sftkey_min_found=0.6)
+    # 0 turns the check off; weighted 1:1 is plain SFT and needs no key token
+    trainer_for(tiny_dir, keyless_records(), tmp_path / "off", sftkey=True, sftkey_min_found=0)
+    trainer_for(tiny_dir, keyless_records(), tmp_path / "w11", sftkey=True, sftkey_mode="weighted")
+    with pytest.raises(ValueError, match="sftkey_min_found must be in"):
+        trainer_for(tiny_dir, half, tmp_path / "bad", sftkey=True, sftkey_min_found=1.5)
+
+
+def test_trl_refuses_when_truncation_cut_every_key(tiny_dir: str, tmp_path: Path) -> None:
+    records = arithmetic_records(4, seed=38, form="prompt_completion", terms=12)
+    with pytest.raises(ValueError, match="4 had their key cut by truncation \\(every key span found was cut"):
+        trainer_for(tiny_dir, records, tmp_path, sftkey=True, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def qwen3_style_dir(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model and tokenizer with the Qwen3-style template."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("qwen3_style")
+    shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = QWEN3_STYLE
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_trl_trains_reasoning_content_multi_turn_data(qwen3_style_dir: str, tmp_path: Path) -> None:
+    """reasoning_content conversations of two turns: every answer is key, the counts show turns, stage 2 trains."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_style_dir)
+    records = [reasoning_record(number, turns=2) for number in range(1, 9)]
+    trainer = trainer_for(
+        qwen3_style_dir, records, tmp_path, sftkey=True, sftkey_stage2_steps=1, max_steps=2, max_length=None
+    )
+    stats = trainer.sftkey_callback.data_stats[0]
+    assert (stats.examples, stats.found, stats.turns, stats.turns_found) == (8, 8, 16, 16)
+    assert stats.by_finder == {"content": 8} and "key span in 16 of 16 assistant turns" in stats.summary_line()
+    first = trainer.train_dataset[0]
+    assert key_runs(tokenizer, first) == [f"The result is 4.{EOS}", f"The result is 6.{EOS}"]
+    trainer.train()
+    stage2 = [h for h in trainer.state.log_history if h.get("sftkey/stage") == 2]
+    assert stage2 and all(h["sftkey/key_fraction"] > 0 and math.isfinite(h["loss"]) for h in stage2)
+
+
+# --- the sftkey command ---------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return str(path)
+
+
+def test_preview_finds_every_reasoning_content_answer(qwen3_style_dir: str, tmp_path: Path, capsys) -> None:
+    data = write_jsonl(tmp_path / "r1.jsonl", [reasoning_record(n, turns=1 + n % 2) for n in range(1, 7)])
+    assert main(["preview", data, "--tokenizer", qwen3_style_dir, "--json", "--min-found", "1.0", "-n", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = report["summary"]
+    assert (summary["found_share"], summary["turns"], summary["turns_found"]) == (1.0, 9, 9)
+    assert summary["by_finder"]["content"]["examples"] == 6
+    first, second = report["examples"]
+    assert first["key_text"] == f"The result is 4.{EOS}The result is 6.{EOS}"  # only the final content of each turn
+    assert (first["turns"], first["turns_found"]) == (2, 2)
+    assert second["key_text"] == f"The result is 5.{EOS}" and (second["turns"], second["turns_found"]) == (1, 1)
+    assert main(["preview", data, "--tokenizer", qwen3_style_dir, "--turns", "last", "-n", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "assistant turns (with a key span)" in text and "      6  (6)" in text
+
+
+def test_convert_reasoning_content_conversations_to_tags(tmp_path: Path, capsys) -> None:
+    records = [reasoning_record(1, turns=2), {"messages": [_user("Hi"), _assistant("Hello.", "", "thinking")]}]
+    source = write_jsonl(tmp_path / "r1.jsonl", records)
+    output = tmp_path / "tagged.jsonl"
+    assert main(["convert", source, str(output), "--from", "think", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["converted"], report["rejected"]) == (1, 1)  # blank reasoning: nothing to convert, rejected
+    converted = json.loads(output.read_text(encoding="utf-8").splitlines()[0])
+    answers = [m for m in converted["messages"] if m["role"] == "assistant"]
+    assert [m["content"] for m in answers] == [
+        "<Thinking>1 + 3 = 4.</Thinking>\n<Answer>The result is 4.</Answer>",
+        "<Thinking>2 + 4 = 6.</Thinking>\n<Answer>The result is 6.</Answer>",
+    ]
+    assert all("reasoning_content" not in m for m in answers)
