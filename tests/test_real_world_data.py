@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_trl import trainer_for
+from test_trl import PER_TOKEN, trainer_for
 
 from sftkey_plugin import find_key_spans
 from sftkey_plugin.cli.main import main
@@ -325,7 +325,7 @@ def keyless_records(n: int = 8) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     ("mode", "weights"),
-    [("two_stage", {}), ("key_only", {}), ("weighted", {"sftkey_key_weight": 2.0})],
+    [("two_stage", {}), ("key_only", {}), ("weighted", {"sftkey_key_weight": 2.0, **PER_TOKEN})],
 )
 def test_trl_refuses_to_start_without_key_spans(tiny_dir: str, tmp_path: Path, mode: str, weights: dict) -> None:
     """Nothing to key on: the trainer stops while it is built, before any step, and says what to look at."""
@@ -353,7 +353,7 @@ def test_trl_min_found_threshold_and_off_switches(tiny_dir: str, tmp_path: Path)
         trainer_for(tiny_dir, half, tmp_path / "strict", sftkey=True, sftkey_min_found=0.6)
     # 0 turns the check off; weighted 1:1 is plain SFT and needs no key token
     trainer_for(tiny_dir, keyless_records(), tmp_path / "off", sftkey=True, sftkey_min_found=0)
-    trainer_for(tiny_dir, keyless_records(), tmp_path / "w11", sftkey=True, sftkey_mode="weighted")
+    trainer_for(tiny_dir, keyless_records(), tmp_path / "w11", sftkey=True, sftkey_mode="weighted", **PER_TOKEN)
     with pytest.raises(ValueError, match="sftkey_min_found must be in"):
         trainer_for(tiny_dir, half, tmp_path / "bad", sftkey=True, sftkey_min_found=1.5)
 
