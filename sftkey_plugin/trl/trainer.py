@@ -75,8 +75,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
         # The top-level model: PEFT calls its base model's ``forward`` directly, which skips hooks registered there
         self._sftkey_setup(arguments, self.model)
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
-        for stats in self.sftkey_callback.data_stats[:1]:  # the training data: refuse before the first step
-            check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
+        for stats in self.sftkey_callback.data_stats:
+            if stats.name == "train":  # refuse before the first step
+                check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
 
     def _sftkey_preview_command(self, arguments: SFTKeyArguments) -> str:
         """The ``sftkey preview`` command line that shows what this trainer's settings find in the data."""
