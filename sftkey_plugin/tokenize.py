@@ -188,7 +188,7 @@ def describe_data_form(example: Mapping[str, Any], marking: MarkingOptions, text
 def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> list[int]:
     """Indices of the assistant messages from ``first`` on whose content is marked: every one, or the last.
 
-    A tool-call message without text (content None, or blank with ``tool_calls``) has no answer and is not a turn.
+    A tool-call message without text (``tool_calls`` and a None or blank content) has no answer and is not a turn.
     """
     indices = []
     for index in range(first, len(messages)):
@@ -196,7 +196,7 @@ def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> 
         if message.get("role") != "assistant":
             continue
         content = message.get("content")
-        if content is None or (message.get("tool_calls") and isinstance(content, str) and not content.strip()):
+        if message.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip())):
             continue
         if not isinstance(content, str):
             raise ValueError(
