@@ -2,8 +2,11 @@
 
 Supported record forms (as TRL): conversational ``messages``; ``prompt``/``completion`` (conversational or
 plain strings); plain ``text`` (the whole text is the completion). The finder reads the *completion*: the
-content of the last assistant message, the completion string, or the text. Its character spans are mapped into
-the tokenised text through the fast tokenizer's offset mapping, so the mask is exact through the chat template.
+content of each trained assistant message (``turns="last"``: the last one), the completion string, or the text.
+Each assistant content is located in the render by a sentinel probe, after the template has placed its reasoning
+(``reasoning_content``: then the content is the answer alone). The character spans are mapped into the tokenised
+text through the fast tokenizer's offset mapping, so the mask is exact through the chat template. Rows that arrive
+tokenised are marked turn by turn through the same step (``TurnsMarked.mark``).
 
 The tokenizer is passed in (any ``transformers`` fast tokenizer); this module imports no framework.
 """
