@@ -100,8 +100,8 @@ class TurnsMarked:
         )
         if key.found:
             self.finders.append(key.finder or "")
-            for index, value in enumerate(key.mask, token_start):
-                self.mask[index] |= value
+            end = token_start + len(key.mask)
+            self.mask[token_start:end] = [a | b for a, b in zip(self.mask[token_start:end], key.mask)]
 
     @property
     def finder(self) -> str:
