@@ -89,6 +89,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
             command += f" --finder-options '{json.dumps(arguments.sftkey_finder_options)}'"
         if self.args.max_length is not None:
             command += f" --max-length {self.args.max_length} --truncation-mode {self.args.truncation_mode}"
+        if arguments.sftkey_reasoning_field:
+            command += f" --reasoning-field {arguments.sftkey_reasoning_field}"
         return command + (f" --turns {arguments.sftkey_turns}" if arguments.sftkey_turns != "all" else "")
 
     def _sftkey_reject_unsupported(self) -> None:
