@@ -5,6 +5,7 @@ and the ``sftkey_min_found`` refusal before the first step."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Mapping
@@ -434,3 +435,21 @@ def test_convert_reasoning_content_conversations_to_tags(tmp_path: Path, capsys)
         "<Thinking>2 + 4 = 6.</Thinking>\n<Answer>The result is 6.</Answer>",
     ]
     assert all("reasoning_content" not in m for m in answers)
+
+
+def test_trl_warns_when_the_template_ignores_reasoning_content(
+    tiny_dir: str, qwen3_style_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ChatML template never renders reasoning_content: the run says that only the answers would be trained."""
+    records = [reasoning_record(number) for number in range(4)]
+    logger = logging.getLogger("sftkey_plugin")
+    logger.addHandler(caplog.handler)  # directly: once the Axolotl plugin has run, this logger does not propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger="sftkey_plugin"):
+            trainer_for(tiny_dir, records, tmp_path / "chatml", sftkey=True)
+            assert "does not render the assistant messages' reasoning_content" in caplog.text
+            caplog.clear()
+            trainer_for(qwen3_style_dir, records, tmp_path / "qwen3", sftkey=True)
+            assert "does not render" not in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
