@@ -62,6 +62,7 @@ class SFTKeyLossMixin:
         compute_loss_func: Any
         model_accepts_loss_kwargs: bool
         data_collator: Any
+        processing_class: Any
         _signature_columns: Any
 
         def add_callback(self, callback: Any) -> None: ...

@@ -380,7 +380,8 @@ def test_hostile_completions_are_marked_or_counted(tiny_dir: str, tmp_path: Path
     """Every malformed completion is either marked as documented or counted "without a key span"; none vanishes."""
     records = [plain(c) for c, _ in HOSTILE_COMPLETIONS.values()]
     records[list(HOSTILE_COMPLETIONS).index("no answer, tags only in the prompt")]["prompt"] = THINK + "<Answer>2"
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep")
+    # most of these have no key: sftkey_min_found=0 lets the run start so the counts can be checked
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep", sftkey_min_found=0)
     stats = trainer.sftkey_callback.data_stats[0]
     expected = [key for _, key in HOSTILE_COMPLETIONS.values()]
     assert key_texts(trainer) == expected
@@ -393,7 +394,7 @@ def test_hostile_completions_are_marked_or_counted(tiny_dir: str, tmp_path: Path
 def test_empty_answer_block_counts_as_missing(tiny_dir: str, tmp_path: Path, answer: str) -> None:
     """An answer block with nothing in it has no key answer: it belongs to the ``sftkey_on_missing`` count."""
     records = [plain(f"{THINK}\n<Answer>{answer}</Answer>")]
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep", sftkey_min_found=0)
     assert trainer.sftkey_callback.data_stats[0].missing == 1
 
 
@@ -490,7 +491,7 @@ def test_answer_field_none_counts_as_missing(tiny_dir: str, tmp_path: Path) -> N
 def test_answer_field_none_never_marks_the_word_none(tiny_dir: str, tmp_path: Path) -> None:
     """A record whose answer is None has no key span, even if its completion says "None"."""
     records = [{**plain("The function returns None."), "answer": None}]
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_finder="field",
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_finder="field", sftkey_min_found=0,
                           sftkey_finder_options={"answer_field": "answer"})  # fmt: skip
     assert trainer.sftkey_callback.data_stats[0].missing == 1
 
@@ -500,7 +501,9 @@ def test_template_that_rewrites_the_answer_is_counted(tiny_dir: str, tmp_path: P
     template = tmp_path / "upper.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\n' }}{% endfor %}")
     records = arithmetic_records(2, seed=35, form="messages")
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, chat_template_path=str(template))
+    trainer = trainer_for(
+        tiny_dir, records, tmp_path, sftkey=True, chat_template_path=str(template), sftkey_min_found=0
+    )
     stats = trainer.sftkey_callback.data_stats[0]
     assert (stats.missing, stats.kept_without_key, stats.not_located, dict(stats.by_finder)) == (2, 2, 2, {})
     assert "(2 altered by the chat template)" in stats.summary_line()
@@ -599,7 +602,7 @@ def test_every_key_token_truncated(tiny_dir: str, tmp_path: Path, mode: str) -> 
     """All answers cut by max_length (kept): stage-2 steps have no key token; loss 0, no NaN, no fake key_loss."""
     records = arithmetic_records(8, seed=38, form="prompt_completion", terms=12)
     trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode=mode, sftkey_stage2_steps=1,
-                          max_length=64, max_steps=2)  # fmt: skip
+                          max_length=64, max_steps=2, sftkey_min_found=0)  # fmt: skip
     assert trainer.sftkey_callback.data_stats[0].cut == 8
     trainer.train()
     assert_meaningful_metrics(trainer)

@@ -1,0 +1,110 @@
+"""Axolotl with data as users bring it: Qwen3 reasoning (``split_thinking`` and ``reasoning_content``) over several
+turns through Axolotl's own ``qwen3`` template, and ``axolotl train`` refusing keyless data before the first step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("axolotl")
+
+from test_axolotl import SFTKEY_ON, _base_config, _env, _strategy, _tokenize, _write, axolotl_env
+from test_real_world_data import EOS, _assistant, _user, key_runs, keyless_records, reasoning_record
+
+pytestmark = pytest.mark.axolotl
+
+__all__ = ["axolotl_env"]  # the fixture, used by name
+
+THINK_INSIDE = {
+    "messages": [
+        _user("What is 5 + 3?"),
+        _assistant("<think>\n5 + 3 = 8.\n</think>\n\nThe result is 8."),
+        _user("And 6 + 4?"),
+        _assistant("<think>6 + 4 = 10.</think>The result is 10."),
+    ]
+}
+
+
+def _config(root: Path, tiny_dir: str, dataset: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    config = _base_config(tiny_dir, "", str(root / "prepared"), str(root / "out"))
+    config.update({**SFTKEY_ON, "chat_template": "qwen3", **overrides})
+    config["datasets"] = [{"ds_type": "json", "type": "chat_template", **dataset}]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("record", "dataset"),
+    [(THINK_INSIDE, {"split_thinking": True}), (reasoning_record(5, turns=2), {})],
+    ids=["split_thinking", "reasoning_content"],
+)
+def test_qwen3_reasoning_every_turn_answer_is_key(axolotl_env, tiny_dir, tmp_path, record, dataset) -> None:
+    """Axolotl's qwen3 template drops the first turn's reasoning; each trained answer is key with its end of turn."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    config = _config(tmp_path, tiny_dir, {"path": str(data), **dataset})
+    _, tokenizer, strategy = _strategy(axolotl_env, config)
+    row = _tokenize(strategy, [record])[0]
+    rendered = tokenizer.decode(row["input_ids"])
+    assert "<think>" in rendered and rendered.count("<think>") == 1  # the past turn's reasoning is not rendered
+    answers = [m["content"].split("</think>")[-1].lstrip() for m in record["messages"][1::2]]
+    assert key_runs(tokenizer, row) == [f"{answer}{EOS}" for answer in answers]
+    assert all(label != -100 for label, key in zip(row["labels"], row["sftkey_mask"]) if key)
+    assert (row["sftkey_turns"], row["sftkey_turns_found"], row["sftkey_finder"]) == (2, 2, "content")
+
+
+def test_axolotl_train_refuses_keyless_data_before_the_first_step(tiny_dir, tmp_path) -> None:
+    data = tmp_path / "keyless.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in keyless_records(16)), encoding="utf-8")
+    config = _config(tmp_path, tiny_dir, {"path": str(data)}, chat_template="chatml", max_steps=2)
+    path = _write(tmp_path / "keyless.yml", config)
+    run = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.train", str(path)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "SFTKey will not train: 0 of 16 train examples (0.0%) keep a key span" in output
+    assert f"Data form: Axolotl datasets {data} (type sftkey_plugin.axolotl.strategy)" in output
+    assert f"axolotl sftkey-preview {path}" in output
+    assert not (tmp_path / "out" / "checkpoint-2").exists() and "'loss':" not in output
+
+
+def test_preview_shows_turns_and_marks_pretokenised_rows(tiny_dir, tmp_path) -> None:
+    """``axolotl sftkey-preview``: multi-turn reasoning data shows its turns; pre-tokenised rows are marked from their
+    tokens, as the trainer marks them."""
+    from axolotl.cli.main import cli
+    from axolotl.cli.plugins import PluginCommand
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from sftkey_plugin.examples import arithmetic_records
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    commands = cli.plugin_commands()
+    commands.setdefault("sftkey-preview", PluginCommand(target="sftkey_plugin.axolotl.preview:sftkey_preview"))
+    chats = tmp_path / "r1.jsonl"
+    chats.write_text("".join(json.dumps(reasoning_record(n, turns=2)) + "\n" for n in range(4)), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenised = tmp_path / "tokenised.jsonl"
+    with tokenised.open("w", encoding="utf-8") as handle:
+        for record in arithmetic_records(3, seed=2, form="prompt_completion_text"):
+            encoded = tokenize_with_key_mask(record, tokenizer, MarkingOptions())
+            labels = [t if c else -100 for t, c in zip(encoded["input_ids"], encoded["completion_mask"])]
+            row = {"input_ids": encoded["input_ids"], "labels": labels, "attention_mask": [1] * len(labels)}
+            handle.write(json.dumps(row) + "\n")
+    config = _config(tmp_path, tiny_dir, {"path": str(chats)})
+    config["datasets"].append({"path": str(tokenised), "ds_type": "json"})
+    result = CliRunner().invoke(cli, ["sftkey-preview", str(_write(tmp_path / "p.yml", config)), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"datasets[0] {chats} data: 4 examples, key span found in 4 (100.0%) [content 4]" in result.output
+    assert "key span in 8 of 8 assistant turns" in result.output and "key in 2 of 2 turns" in result.output
+    assert f"datasets[1] {tokenised} data: 3 examples, key span found in 3 (100.0%) [tags 3]" in result.output
