@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from test_trl import PER_TOKEN, trainer_for
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from sftkey_plugin.examples import arithmetic_records
@@ -93,19 +94,29 @@ def record_micro_batches(trainer: Any) -> None:
     trainer.compute_loss = recording
 
 
+def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded ``DTensor``s gathered to full tensors (a collective: every process calls it), others as is."""
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in tensors.items()}
+
+
 def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]:
-    """What a finished run is compared by: world size, train logs, gradients, final weights, micro-batches."""
+    """What a finished run is compared by: world size, train logs, gradients and final weights (full, also under
+    FSDP), micro-batches; and whether FSDP was on with every parameter sharded (its fallback to DDP is silent)."""
+    parameters = dict(trainer.model.named_parameters())
     return {
         "world_size": trainer.accelerator.num_processes,
+        "fsdp": trainer.is_fsdp_enabled,
+        "sharded": all(isinstance(p, DTensor) for p in parameters.values()),
         "logs": [h for h in trainer.state.log_history if "loss" in h],
-        "grads": gradients.steps,
-        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "grads": [full(step) for step in gradients.steps],
+        "weights": full({n: p.detach().clone() for n, p in parameters.items()}),
         "micro_batches": trainer.micro_batches,
     }
 
 
-def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[str, Any]:
-    """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights."""
+def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overrides: Any) -> dict[str, Any]:
+    """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights.
+    ``overrides``: more ``trainer_for`` arguments (the FSDP worker's)."""
     recorder = GradientRecorder()
     trainer = trainer_for(
         tiny_dir,
@@ -117,6 +128,7 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int) -> dict[
         per_device_train_batch_size=per_device_batch,
         max_grad_norm=0.0,  # compare raw gradients, not clipped ones
         **MODES[mode],
+        **overrides,
     )
     trainer.add_callback(recorder)
     record_micro_batches(trainer)
