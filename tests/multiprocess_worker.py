@@ -94,22 +94,28 @@ def record_micro_batches(trainer: Any) -> None:
     trainer.compute_loss = recording
 
 
-def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FSDP2's sharded ``DTensor``s gathered to full tensors (a collective: every process calls it), others as is."""
-    return {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in tensors.items()}
+def comparable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded ``DTensor``s gathered to full tensors (a collective: every process calls it), under the
+    parameter names of the unwrapped model (FSDP's activation checkpointing wraps each layer)."""
+    return {
+        n.replace("_checkpoint_wrapped_module.", ""): t.full_tensor() if isinstance(t, DTensor) else t
+        for n, t in tensors.items()
+    }
 
 
 def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]:
     """What a finished run is compared by: world size, train logs, gradients and final weights (full, also under
-    FSDP), micro-batches; and whether FSDP was on with every parameter sharded (its fallback to DDP is silent)."""
+    FSDP), micro-batches; the distributed type and whether every parameter was a DTensor (FSDP falls back to DDP
+    silently)."""
     parameters = dict(trainer.model.named_parameters())
     return {
         "world_size": trainer.accelerator.num_processes,
+        "distributed_type": trainer.accelerator.distributed_type.value,
         "fsdp": trainer.is_fsdp_enabled,
         "sharded": all(isinstance(p, DTensor) for p in parameters.values()),
         "logs": [h for h in trainer.state.log_history if "loss" in h],
-        "grads": [full(step) for step in gradients.steps],
-        "weights": full({n: p.detach().clone() for n, p in parameters.items()}),
+        "grads": [comparable(step) for step in gradients.steps],
+        "weights": comparable({n: p.detach().clone() for n, p in parameters.items()}),
         "micro_batches": trainer.micro_batches,
     }
 
