@@ -17,3 +17,6 @@ python3 -c "import torch, transformers, trl, datasets; print('torch', torch.__ve
 transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__)"
 python3 benchmarks/overhead.py --device cuda --shapes qwen-0.5b,large-vocab --packing --bf16 --rounds 3 \
   --steps 10 --warmup 3 --batch 8 --max-length 1024 --json "$out/overhead_gpu.json" 2>&1 | tee "$out/overhead_gpu.txt"
+# SFTKey under FSDP2 on the CUDA path: one process (torchrun), bf16, each mode against the same run without FSDP,
+# and a FULL_STATE_DICT save (the CPU tests use sharded checkpoints); about 1 minute
+python3 benchmarks/fsdp_check.py --device cuda --json "$out/fsdp_gpu.json" 2>&1 | tail -n 8 | tee "$out/fsdp_gpu.txt"

@@ -98,9 +98,15 @@ def allow_deepspeed_on_cpu() -> None:
 
     Without CUDA accelerate finds no backend for a DeepSpeed launch and counts 1 process (each process then trains
     alone and DeepSpeed's batch check fails); ``ACCELERATE_USE_CPU`` instead turns DeepSpeed off (plain DDP). With
-    ``DS_ACCELERATOR=cpu`` DeepSpeed itself runs on gloo."""
+    ``DS_ACCELERATOR=cpu`` DeepSpeed itself runs on gloo. Its CPU accelerator would also compile a C++ shared-memory
+    all-reduce on first use (minutes on 2 cores, and a compiler): plain gloo collectives serve here."""
+    import importlib
+
     import accelerate.state as state
     from accelerate.utils import DistributedType
+
+    # by module path: the attribute deepspeed.comm.torch is the torch library (re-exported by deepspeed.comm)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     prepare = state.PartialState._prepare_backend
     if getattr(prepare, "allows_deepspeed_on_cpu", False):
