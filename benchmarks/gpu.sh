@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The overhead benchmark on the borrowed GPU machine: a randomly initialised ~0.5B Qwen-shaped Llama (vocabulary
-# 151936) in bf16 with packing, plus the small large-vocabulary shape; stock SFTTrainer vs every SFTKey arm.
+# 151936) in bf16 with packing, plus the small large-vocabulary shape; stock SFTTrainer vs every SFTKey arm. Then
+# every SFTKey mode under FSDP2 on the CUDA path (benchmarks/fsdp_check.py).
 # That machine has torch/transformers/accelerate/peft but not trl or datasets: fetch their wheels here first,
 #   bash benchmarks/fetch_gpu_wheels.sh
-# then run it there through the device tool (about 4-6 minutes):
+# then run it there through the device tool (about 5-7 minutes with the FSDP2 check at the end):
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
 set -euo pipefail
 cd "$(dirname "$0")/.."
