@@ -437,7 +437,7 @@ def axolotl_entries(recipe: Recipe, arm: str) -> list[Any]:
             (
                 "deepspeed",
                 "recipes/axolotl/deepspeed/zero3_bf16.json",
-                "= Axolotl's deepspeed_configs/zero3_bf16.json (not in its wheel)",
+                "= Axolotl's deepspeed_configs/zero3_bf16.json, stage3_ key names",
             ),
         ]
     entries += [

@@ -2,7 +2,8 @@
 
 ``TrainingRecorder`` records an Axolotl run the way ``multiprocess_worker.run_mode`` records a TRL run, so both go
 through the same comparison; each process saves ``<output_dir>/record-rank<RANK>.pt`` when training ends.
-``StallAfterCheckpointPlugin`` makes a run hang after a checkpoint, to be killed.
+``StallAfterCheckpointPlugin`` makes a run hang after a checkpoint, to be killed. ``AllowFSDPOnCPU`` lets an
+``fsdp_config`` run really shard on CPU processes (``sharded_worker.allow_fsdp_on_cpu``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from axolotl.integrations.base import BasePlugin
 from multiprocess_worker import GradientRecorder, StallAfterCheckpoint, record_micro_batches, training_record
+from sharded_worker import allow_fsdp_on_cpu
 from transformers import TrainerCallback
 
 
@@ -43,3 +45,10 @@ class StallAfterCheckpointPlugin(BasePlugin):
             return []
         step, ready_file = os.environ["SFTKEY_STALL_AFTER_CHECKPOINT"].split(":", 1)
         return [StallAfterCheckpoint(int(step), ready_file)]
+
+
+class AllowFSDPOnCPU(BasePlugin):
+    """Applies the test-only accelerate patch in every process, before the trainer builds its ``Accelerator``."""
+
+    def register(self, cfg: Any) -> None:
+        allow_fsdp_on_cpu()

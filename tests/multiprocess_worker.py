@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from test_trl import PER_TOKEN, trainer_for
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from sftkey_plugin.examples import arithmetic_records
@@ -113,17 +114,32 @@ def record_micro_batches(trainer: Any) -> None:
     trainer.compute_loss = recording
 
 
+def comparable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded ``DTensor``s gathered to full tensors (a collective: every process calls it), under the
+    parameter names of the unwrapped model (FSDP's activation checkpointing wraps each layer)."""
+    return {
+        n.replace("_checkpoint_wrapped_module.", ""): t.full_tensor() if isinstance(t, DTensor) else t
+        for n, t in tensors.items()
+    }
+
+
 def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]:
-    """What a finished run is compared by: world size, train logs, gradients, final weights, micro-batches."""
+    """What a finished run is compared by: world size, train logs, gradients and final weights (full, also under
+    FSDP), micro-batches; the distributed type and whether every parameter was a DTensor (FSDP falls back to DDP
+    silently)."""
+    parameters = dict(trainer.model.named_parameters())
     return {
         "world_size": trainer.accelerator.num_processes,
         "max_steps": trainer.state.max_steps,
         "num_train_epochs": trainer.state.num_train_epochs,
         "optim": str(trainer.args.optim),
         "learning_rate": trainer.args.learning_rate,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "fsdp": trainer.is_fsdp_enabled,
+        "sharded": all(isinstance(p, DTensor) for p in parameters.values()),
         "logs": [h for h in trainer.state.log_history if "loss" in h],
-        "grads": gradients.steps,
-        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "grads": [comparable(step) for step in gradients.steps],
+        "weights": comparable({n: p.detach().clone() for n, p in parameters.items()}),
         "micro_batches": trainer.micro_batches,
         "metric_gathers": trainer.metric_gathers,
         "first_rows": [trainer.train_dataset[i] for i in range(GLOBAL_BATCH)],  # the first step's rows, in order
@@ -131,7 +147,8 @@ def training_record(trainer: Any, gradients: GradientRecorder) -> dict[str, Any]
 
 
 def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overrides: Any) -> dict[str, Any]:
-    """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights."""
+    """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights.
+    ``overrides``: more ``trainer_for`` arguments (gradient accumulation, the FSDP worker's)."""
     recorder = GradientRecorder()
     trainer = trainer_for(
         tiny_dir,

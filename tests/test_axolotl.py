@@ -394,6 +394,45 @@ def test_stage_by_epoch_switches_at_the_real_epoch_boundary_with_packing(workdir
     assert math.ceil(record["max_steps"] / record["num_train_epochs"]) != first
 
 
+FSDP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "axolotl" / "gsm8k" / "qwen3-8b-base_fsdp_sftkey.yaml"
+
+
+def _recipe_fsdp_block() -> dict:
+    """The shipped recipe's ``fsdp_version`` / ``fsdp_config``, wrapping the tiny Llama's decoder layers instead of
+    Qwen3's, with sharded checkpoints: saving a FULL_STATE_DICT checkpoint fails on CPU processes in the stock
+    Trainer too ("Attempted to access the data pointer on an invalid python storage", see the README)."""
+    import yaml
+
+    recipe = yaml.safe_load(FSDP_RECIPE.read_text(encoding="utf-8"))
+    fsdp_config = {**recipe["fsdp_config"], "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    assert fsdp_config["state_dict_type"] == "FULL_STATE_DICT"
+    fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
+    return {"fsdp_version": recipe["fsdp_version"], "fsdp_config": fsdp_config}
+
+
+def test_fsdp2_two_processes_equal_one_process(workdir):
+    """The recipe's FSDP2 block on 2 CPU processes (really sharded: every parameter a DTensor) against 1 process
+    without FSDP: the same logs, gradients after reduction and final weights. Plain SGD (``sharded_worker.SGD``).
+    two_stage only (stage 1: the trainer's own loss; stage 2: key_only's masking): each Axolotl launch costs over a
+    minute on 2 cores, and every mode runs under FSDP2 through the same loss code in test_sharded.py."""
+    from multiprocess_worker import MODES
+    from sharded_worker import SGD
+    from test_reliability import assert_same_training
+
+    mode = "two_stage"
+    overrides = {key: value for key, value in MODES[mode].items() if key.startswith("sftkey")}
+    overrides.update(optimizer=SGD["optim"], learning_rate=SGD["learning_rate"])
+    fsdp = {
+        **_recipe_fsdp_block(),
+        "plugins": ["axolotl_recorder.AllowFSDPOnCPU", "axolotl_recorder.TrainingRecorder", PLUGIN],
+    }
+    multi = _multiprocess_run(workdir, f"{mode}_fsdp_2proc", {**overrides, **fsdp}, processes=2)
+    single = _multiprocess_run(workdir, f"{mode}_sgd_1proc", overrides, processes=1)
+    assert multi[0]["fsdp"] and multi[0]["sharded"], "FSDP fell back to DDP"
+    print(f"\nAxolotl FSDP2 (recipe block), 2 processes vs 1 (SGD lr {SGD['learning_rate']}):", end="")
+    assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
+
+
 def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
     """As test_reliability.py's TRL test: killed during step 5 (stage 2 from step 3), resumed from checkpoint-4 with
     ``resume_from_checkpoint``, the run ends with the stages, losses and weights of a run never stopped."""
