@@ -7,7 +7,15 @@ there is none. Spans include the answer's marker (``</Thinking>``'s answer block
 ``auto`` tries, in this order, and keeps the first finder that finds something:
 ``regex`` (only when a ``pattern`` option is given), ``field`` (only when an ``answer_field`` option is given),
 ``tags``, ``think``, ``gsm8k``, ``boxed``, ``answer_is``. It never falls back to "the last number": an example
-without a recognisable answer has no key span (see ``sftkey_on_missing``).
+without a recognisable answer has no key span (see ``sftkey_on_missing``). An assistant message that carries its
+reasoning in a separate field (``reasoning_content``) is the answer alone: there ``auto`` tries ``regex`` and
+``field`` (when their option is given), then ``content`` (the whole message content).
+
+``answer_is`` knows English ("The answer is (B)", "Final Answer: ...") and Chinese ("答案是 A。", "答案为：42",
+"最终答案：（B）") answer phrases. Another language is one ``regex`` away, e.g. Japanese ``sftkey_finder: regex``
+with ``sftkey_finder_options: {pattern: "(?P<key>答えは\\s*[^。\\n]+)"}``; a finder that should also take part in
+``auto`` is a third-party finder (``sftkey_plugin.hookspecs``) listed in the ``auto_order`` option, e.g.
+``{auto_order: [tags, think, gsm8k, boxed, answer_is, answer_ja]}``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any
 from .hookspecs import Finder, Span, get_finder, hookimpl, registered_finders
 
 AUTO_ORDER = ("regex", "field", "tags", "think", "gsm8k", "boxed", "answer_is")
+# auto for a message whose reasoning is in a separate field: its content is the answer
+AUTO_ORDER_ANSWER_ONLY = ("regex", "field", "content")
 # auto only tries these when the user gave the option they cannot work without
 _AUTO_NEEDS_OPTION = {"regex": "pattern", "field": "answer_field"}
 
@@ -120,10 +130,32 @@ _ANSWER_IS = re.compile(
 )
 
 
+# Chinese: 答案是 / 答案为 / 最终答案：(traditional 為/終 too): 是/为 or a full-width or ASCII colon, then the
+# answer up to a full-width stop or comma, a sentence-ending ASCII stop or the line's end; (B) and （B） both count.
+_ANSWER_IS_ZH = re.compile(
+    r"(?m)(?:最[终終]|正确|正確)?答案\s*(?:应该|应|應該|應)?\s*(?:(?:是|为|為)\s*[:：]?|[:：])\s*"
+    r"(?:\$[^$\n]+\$|[(（][A-Za-z0-9][)）]|[^\s。，；！？][^\n。，；！？]*?)"
+    r"(?=[ \t]*[。，；！？]|[ \t]*[.,;](?:\s|$)|[ \t]*$)"
+)
+ANSWER_PHRASES = (_ANSWER_IS, _ANSWER_IS_ZH)
+
+
 def answer_is(text: str, *, example: Mapping[str, Any] | None = None) -> list[Span]:
-    """The last "The answer is (B)" / "Final Answer: The final answer is $X$" phrase, up to the answer's end."""
-    matches = list(_ANSWER_IS.finditer(text))
-    return [(matches[-1].start(), matches[-1].end())] if matches else []
+    """The last answer phrase, up to the answer's end: "The answer is (B)", "Final Answer: The final answer is $X$",
+    or the Chinese "答案是 A" / "答案为：42" / "最终答案：（B）"."""
+    matches = [match for phrase in ANSWER_PHRASES for match in phrase.finditer(text)]
+    last = max(matches, key=lambda match: match.start(), default=None)
+    return [last.span()] if last else []
+
+
+def content(text: str, *, example: Mapping[str, Any] | None = None) -> list[Span]:
+    """The whole completion, without surrounding whitespace: the key of an assistant message whose reasoning is in a
+    separate field (``reasoning_content``), so its ``content`` is the answer alone."""
+    stripped = text.strip()
+    if not stripped:
+        return []
+    start = text.index(stripped)
+    return [(start, start + len(stripped))]
 
 
 def regex(
@@ -179,6 +211,7 @@ BUILTIN_FINDERS: dict[str, Finder] = {
     "answer_is": answer_is,
     "regex": regex,
     "field": field,
+    "content": content,
 }
 
 
@@ -197,16 +230,17 @@ def _accepted_options(finder: Finder) -> frozenset[str] | None:
     return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY) - {"example"}
 
 
-def _finder_chain(finder: str, options: Mapping[str, Any]) -> list[str]:
+def finder_chain(finder: str, options: Mapping[str, Any], answer_only: bool = False) -> list[str]:
+    """The finders tried, in order; ``answer_only``: the completion is an answer whose reasoning is elsewhere."""
     if finder != "auto":
         return [finder]
-    order = options.get("auto_order", AUTO_ORDER)
+    order = AUTO_ORDER_ANSWER_ONLY if answer_only else options.get("auto_order", AUTO_ORDER)
     return [name for name in order if name not in _AUTO_NEEDS_OPTION or _AUTO_NEEDS_OPTION[name] in options]
 
 
 def validate_finder_options(finder: str, options: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` for an unknown finder or an option that none of the finders in play accepts."""
-    chain = _finder_chain(finder, options)
+    chain = finder_chain(finder, options)
     accepted: set[str] = {"auto_order"} if finder == "auto" else set()
     for name in chain:
         names = _accepted_options(get_finder(name))
@@ -246,10 +280,14 @@ def match_key_spans(
     finder: str = "auto",
     example: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    answer_only: bool = False,
 ) -> tuple[str | None, list[Span]]:
-    """The key spans and the name of the finder that produced them (``None`` and ``[]`` when none did)."""
+    """The key spans and the name of the finder that produced them (``None`` and ``[]`` when none did).
+
+    ``answer_only``: ``text`` is an answer whose reasoning is in a separate field, so ``auto`` keeps all of it.
+    """
     options = dict(options or {})
-    for name in _finder_chain(finder, options):
+    for name in finder_chain(finder, options, answer_only):
         impl = get_finder(name)
         accepted = _accepted_options(impl)
         kwargs = options if accepted is None else {k: v for k, v in options.items() if k in accepted}
