@@ -23,7 +23,14 @@ IGNORE_INDEX = -100
 
 # answers that stress tokenisation: non-ASCII, full-width, emoji, several lines, digits that BPE splits
 ANSWERS = ("42", "北京", "café ≈ 3.5 €", "🙂 7", "x = 3\ny = -4", "1234567")
-QUESTIONS = ("What is 6 × 7?", "中国的首都是哪里？", "Price of a café?", "Emoji sum?", "Solve the system.", "Big number?")
+QUESTIONS = (
+    "What is 6 × 7?",
+    "中国的首都是哪里？",
+    "Price of a café?",
+    "Emoji sum?",
+    "Solve the system.",
+    "Big number?",
+)
 CHOICES = ("A", "B", "C", "D")
 
 
@@ -148,7 +155,9 @@ def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     unicode_to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
     added = {index: token.content for index, token in tokenizer.added_tokens_decoder.items()}
     return [
-        added[i].encode("utf-8") if i in added else bytes(unicode_to_byte[c] for c in tokenizer.convert_ids_to_tokens(i))
+        added[i].encode("utf-8")
+        if i in added
+        else bytes(unicode_to_byte[c] for c in tokenizer.convert_ids_to_tokens(i))
         for i in ids
     ]
 

@@ -10,10 +10,11 @@ so they run once per tokenizer.
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-
 from conformance_reference import (
     IGNORE_INDEX,
     Case,
@@ -26,7 +27,7 @@ from conformance_reference import (
     reference_key_mask,
     text_cases,
 )
-from real_tokenizers import FAMILIES, TOKENIZERS, Family, missing_reason, template_tokenizer
+from real_tokenizers import FAMILIES, TOKENIZERS, Family, missing_reason, read_template, template_tokenizer
 
 pytest.importorskip("trl")
 
@@ -39,6 +40,7 @@ CHAT_FORMS: dict[str, Callable[[Family], list[Case]]] = {
 }
 PLAIN_FORMS: dict[str, Callable[[], list[Case]]] = {"prompt_completion": prompt_completion_cases, "text": text_cases}
 # the family whose EOS a tokenizer's plain texts end with (no template is applied to them)
+_OUT = Path(tempfile.gettempdir()) / "sftkey-conformance"  # output_dir of trainers that never train
 NATIVE_FAMILY = {"deepseek": "deepseek_v3", "qwen2": "qwen_25", "qwen3_5": "qwen3_5", "smollm2": "chatml"}
 
 
@@ -48,49 +50,111 @@ def _require(name: str) -> None:
         pytest.skip(reason)
 
 
-def _trainer_datasets(tokenizer, family: Family, datasets: dict, sftkey: bool) -> dict:
-    """The datasets as a real TRL trainer prepares them (stock ``SFTTrainer`` or ``SFTKeyTrainer``)."""
-    import tempfile
+def _config(out: str, sftkey: bool = False, assistant_only_loss: bool = False):
+    from sftkey_plugin import SFTKeyConfig
 
+    # keep every row (each is compared with the reference); no truncation
+    return SFTKeyConfig(
+        output_dir=out,
+        report_to=[],
+        bf16=False,
+        max_length=None,
+        assistant_only_loss=assistant_only_loss,
+        sftkey=sftkey,
+        sftkey_on_missing="keep",
+    )
+
+
+def _dataset(cases: list[Case]):
     from datasets import Dataset
-    from trl import SFTTrainer
 
-    from sftkey_plugin import SFTKeyConfig, SFTKeyTrainer
-    from sftkey_plugin.tiny import build_model
-
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTKeyConfig(
-            output_dir=out,
-            report_to=[],
-            bf16=False,
-            max_length=None,
-            assistant_only_loss=family.assistant_masks,
-            sftkey=sftkey,
-            sftkey_on_missing="keep",  # keep every row: each is compared with the reference
-        )
-        evaluated = {form: Dataset.from_list([case.record for case in cases]) for form, cases in datasets.items()}
-        trainer = (SFTKeyTrainer if sftkey else SFTTrainer)(
-            model=build_model(None, vocab_size=len(tokenizer), hidden_size=16, layers=1),
-            args=args,
-            train_dataset=next(iter(evaluated.values())),
-            eval_dataset=evaluated,
-            processing_class=tokenizer,
-        )
-        return {form: trainer.eval_dataset[form].to_list() for form in datasets}
+    return Dataset.from_list([case.record for case in cases])
 
 
 @functools.cache
-def _trl_cell(name: str, template: str | None) -> dict:
-    """Cases, stock rows and SFTKey rows per form for one tokenizer x template (``None``: the plain forms)."""
-    family = FAMILIES[template or NATIVE_FAMILY[name]]
+def _stock_trainer(name: str, prompt_completion: bool):
+    """A stock ``trl.SFTTrainer`` on tokenizer ``name`` (one per session and dataset kind: TRL decides
+    ``completion_only_loss`` from the training set); each cell's records go through its ``_prepare_dataset``."""
+    from trl import SFTTrainer
+
+    from sftkey_plugin.tiny import build_model
+
+    family = FAMILIES[NATIVE_FAMILY[name]]
     tokenizer = template_tokenizer(name, family.template)
+    cases = chat_prompt_completion_cases(family) if prompt_completion else messages_cases(family)
+    return SFTTrainer(
+        model=build_model(None, vocab_size=len(tokenizer), hidden_size=16, layers=1),
+        args=_config(str(_OUT)),
+        train_dataset=_dataset(cases[:1]),
+        processing_class=tokenizer,
+    )
+
+
+def _stock_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
+    """The records as stock TRL prepares them: ``input_ids`` and ``labels``."""
+    prompt_completion = "prompt" in cases[0].record
+    trainer = _stock_trainer(name, prompt_completion)
+    tokenizer = template_tokenizer(name, family.template)
+    args = _config(str(_OUT), assistant_only_loss=family.assistant_masks)
+    prepared = trainer._prepare_dataset(_dataset(cases), tokenizer, args, False, None, "conformance")
+    return prepared.to_list()
+
+
+def _marked_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
+    """The plugin's marking of each record (TRL side): ``tokenize_with_key_mask`` with the default options."""
+    from sftkey_plugin.config import SFTKeyArguments
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    tokenizer = template_tokenizer(name, family.template)
+    marking = MarkingOptions.from_arguments(SFTKeyArguments(sftkey=True))
+    return [
+        tokenize_with_key_mask(case.record, tokenizer, marking, assistant_only_loss=family.assistant_masks)
+        for case in cases
+    ]
+
+
+def _trainer_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
+    """The records as a real ``SFTKeyTrainer`` prepares them (``sftkey_mask`` already limited to trained tokens)."""
+    from sftkey_plugin import SFTKeyTrainer
+    from sftkey_plugin.tiny import build_model
+
+    tokenizer = template_tokenizer(name, family.template)
+    trainer = SFTKeyTrainer(
+        model=build_model(None, vocab_size=len(tokenizer), hidden_size=16, layers=1),
+        args=_config(str(_OUT), sftkey=True, assistant_only_loss=family.assistant_masks),
+        train_dataset=_dataset(cases),
+        processing_class=tokenizer,
+    )
+    return trainer.train_dataset.to_list()
+
+
+@functools.cache
+def _trl_cell(name: str, template: str | None) -> dict[str, list[tuple[Case, dict, dict, dict | None]]]:
+    """Per form: each case with its stock TRL row, the plugin's row and (native family only) the SFTKeyTrainer's.
+
+    ``template`` None: the plain-string forms. The conversational forms share one dataset (and one preparation):
+    ``reasoning_content`` is absent from some of their messages, which no template tells from ``None``.
+    """
+    family = FAMILIES[template or NATIVE_FAMILY[name]]
     if template is None:
-        cases = {form: make() for form, make in PLAIN_FORMS.items()}
+        groups = {form: {form: make()} for form, make in PLAIN_FORMS.items()}
     else:
-        cases = {form: make(family) for form, make in CHAT_FORMS.items()}
-    stock = _trainer_datasets(tokenizer, family, cases, sftkey=False)
-    marked = _trainer_datasets(tokenizer, family, cases, sftkey=True)
-    return {"family": family, "cases": cases, "stock": stock, "marked": marked}
+        forms = {form: make(family) for form, make in CHAT_FORMS.items()}
+        groups = {
+            "messages": {form: cases for form, cases in forms.items() if "messages" in cases[0].record},
+            "chat_prompt_completion": {"chat_prompt_completion": forms["chat_prompt_completion"]},
+        }
+    native = template in (None, NATIVE_FAMILY[name])
+    cell: dict[str, list[tuple[Case, dict, dict, dict | None]]] = {}
+    for group in groups.values():
+        cases = [case for form_cases in group.values() for case in form_cases]
+        stock = _stock_rows(name, family, cases)
+        marked = _marked_rows(name, family, cases)
+        trained = _trainer_rows(name, family, cases) if native else [None] * len(cases)
+        rows = iter(zip(cases, stock, marked, trained, strict=True))
+        for form, form_cases in group.items():
+            cell[form] = [next(rows) for _ in form_cases]
+    return cell
 
 
 def _rendered_text(tokenizer, case: Case) -> str:
@@ -106,18 +170,20 @@ def _rendered_text(tokenizer, case: Case) -> str:
 
 def _assert_conforms(name: str, template: str | None, form: str) -> None:
     cell = _trl_cell(name, template)
-    tokenizer = template_tokenizer(name, cell["family"].template)
-    for case, stock, marked in zip(cell["cases"][form], cell["stock"][form], cell["marked"][form], strict=True):
-        assert marked["input_ids"] == stock["input_ids"], f"{case.name}: SFTKey changed the tokens"
-        assert marked["labels"] == stock["labels"], f"{case.name}: SFTKey changed the labels"
+    tokenizer = template_tokenizer(name, template or NATIVE_FAMILY[name])
+    for case, stock, marked, trained in cell[form]:
+        assert marked["input_ids"] == stock["input_ids"], f"{case.name}: SFTKey tokenised differently from TRL"
         ids, labels = stock["input_ids"], stock["labels"]
         reference = reference_key_mask(tokenizer, ids, case.keys, _rendered_text(tokenizer, case))
         expected = [int(m and label != IGNORE_INDEX) for m, label in zip(reference, labels)]
-        assert marked["sftkey_mask"] == expected, (
-            f"{case.name}: marked {describe(tokenizer, ids, marked['sftkey_mask'])}, "
-            f"expected {describe(tokenizer, ids, expected)}"
-        )
         assert 1 in expected, f"{case.name}: the reference found no trained key token"
+        got = [int(m and label != IGNORE_INDEX) for m, label in zip(marked["sftkey_mask"], labels)]
+        assert got == expected, (
+            f"{case.name}: marked {describe(tokenizer, ids, got)}, expected {describe(tokenizer, ids, expected)}"
+        )
+        if trained is not None:  # the whole SFTKeyTrainer preparation: same tokens, labels and key mask
+            assert (trained["input_ids"], trained["labels"]) == (ids, labels), f"{case.name}: trainer changed tokens"
+            assert trained["sftkey_mask"] == expected, f"{case.name}: SFTKeyTrainer's mask differs"
 
 
 @pytest.mark.parametrize("form", list(CHAT_FORMS))
@@ -133,3 +199,95 @@ def test_trl_chat_forms_mark_exactly_the_answers(name, template, form):
 def test_trl_plain_forms_mark_exactly_the_answers(name, form):
     _require(name)
     _assert_conforms(name, None, form)
+
+
+# ---- Axolotl side: its own config loading, tokenizer loading and dataset preparation -------------------------
+
+AXOLOTL_FORMS = {form: make for form, make in CHAT_FORMS.items() if form != "chat_prompt_completion"}
+
+
+def _require_axolotl() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("axolotl") is None:
+        pytest.skip("Axolotl is not installed: its side of the conformance suite runs in the Axolotl environment")
+
+
+@functools.cache
+def _tokenizer_folder(name: str) -> str:
+    """Tokenizer ``name`` with every family's special tokens, saved once a session for Axolotl to load."""
+    folder = _OUT / f"tokenizer-{name}"
+    template_tokenizer(name, NATIVE_FAMILY[name]).save_pretrained(folder)
+    return str(folder)
+
+
+@functools.cache
+def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tuple[Case, dict, dict]]]:
+    """Per form: each case with Axolotl's stock ``chat_template`` row and its row prepared with SFTKey on."""
+    import copy
+    import json
+
+    from axolotl.cli.config import load_cfg
+    from axolotl.loaders import load_tokenizer
+    from axolotl.prompt_strategies import load as load_strategy
+    from axolotl.utils.data import prepare_datasets
+    from axolotl.utils.dict import DictDefault
+    from test_axolotl import PLUGIN, _base_config
+
+    family = FAMILIES[template]
+    forms = {form: make(family) for form, make in AXOLOTL_FORMS.items()}
+    cases = [case for form_cases in forms.values() for case in form_cases]
+    root = _OUT / f"axolotl-{name}-{template}"
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(case.record, ensure_ascii=False) + "\n" for case in cases), encoding="utf-8")
+    config = _base_config(tiny_dir, str(data), str(root / "prepared"), str(root / "out"))
+    config.update(
+        tokenizer_config=_tokenizer_folder(name),
+        chat_template=template,  # Axolotl's own template file of that name
+        special_tokens={"eos_token": family.eos, **({"bos_token": family.bos} if family.bos else {})},
+        sequence_len=4096,
+        shuffle_merged_datasets=False,
+        shuffle_before_merging_datasets=False,
+        plugins=[PLUGIN],
+        sftkey=True,
+        sftkey_on_missing="keep",
+    )
+    cfg = load_cfg(DictDefault(copy.deepcopy(config)))
+    tokenizer = load_tokenizer(cfg)
+    stock = load_strategy("chat_template", tokenizer, cfg, cfg.datasets[0])
+    stock_rows = [stock.tokenize_prompt(case.record) for case in cases]
+    prepared, _, _, _ = prepare_datasets(cfg, tokenizer)
+    rows = iter(zip(cases, stock_rows, prepared.to_list(), strict=True))
+    return {form: [next(rows) for _ in form_cases] for form, form_cases in forms.items()}
+
+
+@pytest.mark.axolotl
+@pytest.mark.parametrize("form", list(AXOLOTL_FORMS))
+@pytest.mark.parametrize("template", list(FAMILIES))
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir):
+    _require_axolotl()
+    _require(name)
+    cell = _axolotl_cell(name, template, tiny_dir)
+    tokenizer = template_tokenizer(name, template)
+    for case, stock, prepared in cell[form]:
+        ids, labels = stock["input_ids"], stock["labels"]
+        assert (prepared["input_ids"], prepared["labels"]) == (ids, labels), f"{case.name}: SFTKey changed tokens"
+        reference = reference_key_mask(tokenizer, ids, case.keys, _rendered_text(tokenizer, case))
+        expected = [int(m and label != IGNORE_INDEX) for m, label in zip(reference, labels)]
+        assert 1 in expected, f"{case.name}: the reference found no trained key token"
+        assert prepared["sftkey_mask"] == expected, (
+            f"{case.name}: marked {describe(tokenizer, ids, prepared['sftkey_mask'])}, "
+            f"expected {describe(tokenizer, ids, expected)}"
+        )
+
+
+@pytest.mark.axolotl
+def test_vendored_templates_are_axolotls():
+    """The TRL side reads tests/templates/; the Axolotl side Axolotl's own files: they must be the same text."""
+    _require_axolotl()
+    from axolotl.utils.chat_templates import get_chat_template
+
+    for template in FAMILIES:
+        assert get_chat_template(template) == read_template(template), template
