@@ -10,6 +10,7 @@ from typing import Any
 MODES = ("two_stage", "key_only", "weighted")
 ON_MISSING = ("error", "drop", "keep")
 EDGE_TOKENS = ("include", "exclude")
+TURNS = ("all", "last")
 
 
 @dataclass
@@ -76,6 +77,30 @@ class SFTKeyArguments:
         default=True,
         metadata={"help": "Whether the end-of-turn/EOS token right after the answer is a key token."},
     )
+    sftkey_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Multi-turn conversations: all (every trained assistant message gets its own key span) or last "
+            "(only the last assistant message's answer is key).",
+            "choices": list(TURNS),
+        },
+    )
+    sftkey_reasoning_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "The assistant-message field that holds the reasoning apart from the answer (default: "
+            "reasoning_content, thinking or reasoning, whichever a message has). Such a message's content is its "
+            "answer: auto makes all of it key."
+        },
+    )
+    sftkey_min_found: float = field(
+        default=0.5,
+        metadata={
+            "help": "Refuse to train when fewer than this share of the training examples keep a key span (after "
+            "truncation) in a mode that needs key tokens (two_stage, key_only, weighted with sftkey_key_weight != "
+            "sftkey_other_weight); 0 turns the check off."
+        },
+    )
 
 
 SFTKEY_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(SFTKeyArguments)
@@ -90,6 +115,11 @@ def sftkey_arguments_from(source: Any) -> SFTKeyArguments:
         if value is not None:
             values[name] = value
     return SFTKeyArguments(**values)
+
+
+def needs_key_tokens(args: SFTKeyArguments) -> bool:
+    """Whether the mode trains anything differently with key tokens (weighted 1:1 is plain SFT)."""
+    return args.sftkey_mode != "weighted" or args.sftkey_key_weight != args.sftkey_other_weight
 
 
 def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
@@ -107,10 +137,17 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
         except json.JSONDecodeError as error:
             raise ValueError(f"sftkey_finder_options is not valid JSON: {error}") from error
 
-    choices = {"sftkey_mode": MODES, "sftkey_on_missing": ON_MISSING, "sftkey_edge_tokens": EDGE_TOKENS}
+    choices = {
+        "sftkey_mode": MODES,
+        "sftkey_on_missing": ON_MISSING,
+        "sftkey_edge_tokens": EDGE_TOKENS,
+        "sftkey_turns": TURNS,
+    }
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, not {getattr(args, name)!r}.")
+    if not 0.0 <= args.sftkey_min_found <= 1.0:
+        raise ValueError(f"sftkey_min_found must be in [0, 1] (0 turns the check off), not {args.sftkey_min_found}.")
     if not 0.0 <= args.sftkey_stage2_ratio <= 1.0:
         raise ValueError(f"sftkey_stage2_ratio must be in [0, 1], not {args.sftkey_stage2_ratio}.")
     if args.sftkey_stage2_steps is not None and args.sftkey_stage2_steps < 0:

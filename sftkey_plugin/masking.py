@@ -89,14 +89,16 @@ def key_mask_for_completion(
     example: Mapping[str, Any] | None = None,
     edge_tokens: str = "include",
     eos_token_ids: Collection[int] = (),
+    answer_only: bool = False,
 ) -> KeyMask:
     """Find the key in ``completion`` (at ``completion_start`` in the tokenised ``text``) and mark its tokens.
 
-    ``eos_token_ids`` empty means the EOS after the answer is not a key token.
+    ``eos_token_ids`` empty means the EOS after the answer is not a key token; ``answer_only``: the completion is an
+    answer whose reasoning is in a separate field (``match_key_spans``).
     """
     if text[completion_start : completion_start + len(completion)] != completion:
         raise ValueError("The completion does not sit at the given position of the tokenised text.")
-    name, spans = match_key_spans(completion, finder, example, finder_options)
+    name, spans = match_key_spans(completion, finder, example, finder_options, answer_only)
     shifted = [(start + completion_start, end + completion_start) for start, end in spans]
     mask = spans_to_token_mask(offsets, shifted, edge_tokens)
     if eos_token_ids:

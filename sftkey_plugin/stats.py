@@ -6,6 +6,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .config import SFTKeyArguments, needs_key_tokens
+from .finders import finder_chain
+
 # Per-example status values written by the transform
 FOUND = "found"
 MISSING = "missing"  # no finder found a key span (or the template hid the content)
@@ -36,6 +39,8 @@ class KeyDataStats:
     not_located: int = 0  # missing because the chat template altered the answer text
     key_tokens: int = 0
     completion_tokens: int = 0
+    turns: int = 0  # assistant turns searched for a key (1 per example outside multi-turn conversations)
+    turns_found: int = 0  # those with a key span
     by_finder: Counter[str] = field(default_factory=Counter)
 
     @classmethod
@@ -46,8 +51,13 @@ class KeyDataStats:
         finders: Iterable[str],
         key_counts: Iterable[int],
         completion_counts: Iterable[int],
+        turn_counts: Iterable[tuple[int, int]] | None = None,
     ) -> KeyDataStats:
+        """Counts from per-example columns; ``turn_counts`` holds ``(turns, turns found)`` per example."""
         stats = cls(name=name)
+        for turns, found in turn_counts or ():
+            stats.turns += turns
+            stats.turns_found += found
         for status, finder, keys, completion in zip(statuses, finders, key_counts, completion_counts):
             stats.examples += 1
             stats.found += status != MISSING
@@ -60,6 +70,11 @@ class KeyDataStats:
             stats.not_located += finder == NOT_LOCATED
         return stats
 
+    @property
+    def complete_share(self) -> float:
+        """The share of examples that keep a complete key span (found, not cut by truncation)."""
+        return (self.found - self.cut) / self.examples if self.examples else 0.0
+
     def summary_line(self) -> str:
         """One line for the training log."""
         share = 100.0 * self.found / self.examples if self.examples else 0.0
@@ -69,6 +84,11 @@ class KeyDataStats:
         parts = [
             f"SFTKey {self.name} data: {self.examples} examples, key span found in {self.found} ({share:.1f}%)"
             + (f" [{finders}]" if finders else ""),
+            *(
+                [f"key span in {self.turns_found} of {self.turns} assistant turns"]
+                if self.turns > self.examples
+                else []
+            ),
             f"{self.missing} without a key span"
             + (f" ({self.not_located} altered by the chat template)" if self.not_located else ""),
             f"{self.cut} answers cut by truncation",
@@ -82,3 +102,44 @@ class KeyDataStats:
 
     def as_dict(self) -> Mapping[str, object]:
         return {**self.__dict__, "by_finder": dict(self.by_finder)}
+
+
+_WITHOUT_KEYS = {
+    "two_stage": "stage 2 would train nothing, step after step",
+    "key_only": "key_only would train nothing",
+    "weighted": "sftkey_key_weight would weigh (almost) nothing",
+}
+
+
+def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: str, preview: str) -> None:
+    """Refuse (``ValueError``) to train when too few examples keep a key span for the mode to mean anything.
+
+    Below ``sftkey_min_found`` (0: never), or when truncation cut every key span found; only in modes that need key
+    tokens. The message names the data form, the finders tried, the share found and the ``preview`` command.
+    """
+    if arguments.sftkey_min_found <= 0 or not needs_key_tokens(arguments) or not stats.examples:
+        return
+    if stats.complete_share >= arguments.sftkey_min_found:
+        return
+    all_cut = stats.found > 0 and stats.cut == stats.found
+    options = arguments.sftkey_finder_options if isinstance(arguments.sftkey_finder_options, dict) else {}
+    tried = finder_chain(arguments.sftkey_finder, options)
+    if arguments.sftkey_finder == "auto":
+        answer_only = ", ".join(finder_chain("auto", options, answer_only=True))
+        tried[-1] += f"; for assistant messages with separate reasoning: {answer_only}"
+    complete = stats.found - stats.cut
+    lines = [
+        f"SFTKey will not train: {complete} of {stats.examples} {stats.name} examples ({stats.complete_share:.1%}) "
+        f"keep a key span, below sftkey_min_found={arguments.sftkey_min_found}; sftkey_mode={arguments.sftkey_mode} "
+        f"needs key tokens ({_WITHOUT_KEYS[arguments.sftkey_mode]}).",
+        f"Data form: {data_form}. Finders tried: {', '.join(tried)}.",
+        f"{stats.missing} examples have no key span"
+        + (f" ({stats.not_located} whose answer the chat template altered)" if stats.not_located else "")
+        + f", {stats.cut} had their key cut by truncation"
+        + (" (every key span found was cut: raise max_length or use truncation_mode keep_end)" if all_cut else "")
+        + ".",
+        f"Look at what is found with: {preview}",
+        "Then convert the data (sftkey convert), choose sftkey_finder / sftkey_finder_options, or set "
+        "sftkey_min_found: 0 to train anyway.",
+    ]
+    raise ValueError("\n".join(lines))

@@ -11,13 +11,17 @@ The tokenizer is passed in (any ``transformers`` fast tokenizer); this module im
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SFTKeyArguments
-from .masking import IGNORE_INDEX, KeyMask, key_mask_for_completion
+from .masking import IGNORE_INDEX, key_mask_for_completion
 from .stats import NOT_LOCATED
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names chat templates read
+# the columns marking adds to each example
+TURN_COLUMNS = ("sftkey_mask", "sftkey_finder", "sftkey_turns", "sftkey_turns_found")
 
 
 @dataclass
@@ -28,6 +32,8 @@ class MarkingOptions:
     finder_options: Mapping[str, Any] = field(default_factory=dict)
     edge_tokens: str = "include"
     include_eos: bool = True
+    turns: str = "all"
+    reasoning_field: str | None = None
 
     @classmethod
     def from_arguments(cls, arguments: SFTKeyArguments) -> MarkingOptions:
@@ -38,7 +44,77 @@ class MarkingOptions:
             finder_options=dict(options) if isinstance(options, dict) else {},
             edge_tokens=arguments.sftkey_edge_tokens,
             include_eos=arguments.sftkey_include_eos,
+            turns=arguments.sftkey_turns,
+            reasoning_field=arguments.sftkey_reasoning_field,
         )
+
+    def has_reasoning(self, message: Mapping[str, Any]) -> bool:
+        """Whether an assistant message carries its reasoning in a separate field (so its content is the answer)."""
+        names = (self.reasoning_field,) if self.reasoning_field else REASONING_FIELDS
+        return any(isinstance(message.get(name), str) and message[name].strip() for name in names)
+
+
+@dataclass
+class TurnsMarked:
+    """The key mask of one example over all its marked assistant turns, and the counts the statistics need."""
+
+    mask: list[int]
+    finders: list[str] = field(default_factory=list)  # the finder that found each turn's key, in turn order
+    turns: int = 0  # assistant turns searched
+    not_located: int = 0  # turns whose content the chat template altered
+
+    def mark(
+        self,
+        located: tuple[str, int] | None,
+        text: str,
+        input_ids: Sequence[int],
+        offsets: Sequence[Sequence[int]],
+        marking: MarkingOptions,
+        tokenizer: Any,
+        example: Mapping[str, Any] | None,
+        *,
+        answer_only: bool = False,
+        token_start: int = 0,
+    ) -> None:
+        """Find one turn's key in ``located`` (its text and where it sits in ``text``) and OR its tokens, which start
+        at ``token_start`` of the example, into the mask: the one marking step of text and token-id marking."""
+        self.turns += 1
+        if located is None:
+            self.not_located += 1
+            return
+        key = key_mask_for_completion(
+            text=text,
+            input_ids=input_ids,
+            offsets=offsets,
+            completion=located[0],
+            completion_start=located[1],
+            finder=marking.finder,
+            finder_options=marking.finder_options,
+            example=example,
+            edge_tokens=marking.edge_tokens,
+            eos_token_ids={tokenizer.eos_token_id} if marking.include_eos else (),
+            answer_only=answer_only,
+        )
+        if key.found:
+            self.finders.append(key.finder or "")
+            for index, value in enumerate(key.mask, token_start):
+                self.mask[index] |= value
+
+    @property
+    def finder(self) -> str:
+        """The finders that matched (``+``-joined when turns differ), ``not_located`` or ``""`` for none."""
+        if self.finders:
+            return "+".join(dict.fromkeys(self.finders))
+        return NOT_LOCATED if self.not_located else ""
+
+    def columns(self) -> dict[str, Any]:
+        """The per-example columns (``TURN_COLUMNS``)."""
+        return {
+            "sftkey_mask": self.mask,
+            "sftkey_finder": self.finder,
+            "sftkey_turns": self.turns,
+            "sftkey_turns_found": len(self.finders),
+        }
 
 
 def require_fast_tokenizer(tokenizer: Any) -> None:
@@ -83,25 +159,110 @@ def _record_form(example: Mapping[str, Any], text_field: str) -> str:
     raise ValueError(f"SFTKey cannot read a record with columns {sorted(example)}. {accepted}")
 
 
-def _last_assistant_index(messages: list[Mapping[str, Any]]) -> int:
-    for index in range(len(messages) - 1, -1, -1):
-        if messages[index].get("role") == "assistant":
-            content = messages[index].get("content")
-            if isinstance(content, str):
-                return index
+_FORM_NAMES = {
+    "messages": "messages",
+    "chat_prompt_completion": "prompt/completion message lists",
+    "prompt_completion": "prompt/completion strings",
+}
+
+
+def describe_data_form(example: Mapping[str, Any], marking: MarkingOptions, text_field: str = "text") -> str:
+    """The form of a record in words, for messages about the data (e.g. "messages, multi-turn, reasoning in
+    reasoning_content")."""
+    try:
+        form = _record_form(example, text_field)
+    except ValueError:
+        return f"records with columns {sorted(example)}"
+    if form == "text":
+        return f"plain text in '{text_field}'"
+    if form == "prompt_completion":
+        return _FORM_NAMES[form]
+    messages = example["messages"] if form == "messages" else [*example["prompt"], *example["completion"]]
+    answers = [m for m in messages if m.get("role") == "assistant"]
+    words = [_FORM_NAMES[form]] + (["multi-turn"] if len(answers) > 1 else [])
+    names = (marking.reasoning_field,) if marking.reasoning_field else REASONING_FIELDS
+    words += [f"reasoning in {name}" for name in names if any(name in m for m in answers)]
+    return ", ".join(words)
+
+
+def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> list[int]:
+    """Indices of the assistant messages from ``first`` on whose content is marked: every one, or the last.
+
+    A tool-call message without text (content None, or blank with ``tool_calls``) has no answer and is not a turn.
+    """
+    indices = []
+    for index in range(first, len(messages)):
+        message = messages[index]
+        if message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if content is None or (message.get("tool_calls") and isinstance(content, str) and not content.strip()):
+            continue
+        if not isinstance(content, str):
             raise ValueError(
                 f"SFTKey expects the assistant message content to be a string, not {type(content).__name__}."
             )
-    raise ValueError("SFTKey found no assistant message in a conversational record: there is no answer to mark.")
+        indices.append(index)
+    if not indices:
+        raise ValueError("SFTKey found no assistant message in a conversational record: there is no answer to mark.")
+    return indices if turns == "all" else indices[-1:]
 
 
-def _render_with_probe(
-    tokenizer: Any, conversation: list[Mapping[str, Any]], index: int, template_kwargs: dict[str, Any]
-) -> tuple[str, str]:
-    """The rendered conversation, and the same with message ``index``'s content replaced by the sentinel (one call)."""
-    probe = [*conversation[:index], {**conversation[index], "content": SENTINEL}, *conversation[index + 1 :]]
-    rendered, probe_text = tokenizer.apply_chat_template([conversation, probe], tokenize=False, **template_kwargs)
-    return rendered, probe_text
+def _with_content(conversation: list[Mapping[str, Any]], index: int, content: str) -> list[Mapping[str, Any]]:
+    return [*conversation[:index], {**conversation[index], "content": content}, *conversation[index + 1 :]]
+
+
+@dataclass
+class _Turn:
+    """An assistant message to locate in the render: ``answer`` is what the probe replaces by the sentinel."""
+
+    index: int
+    answer: str
+    head: str = ""  # the part of the content the probe keeps (reasoning embedded before </think>)
+    answer_only: bool = False  # the answer's reasoning is elsewhere: auto keeps all of it
+
+
+def _locate_turns(
+    tokenizer: Any, conversation: list[Mapping[str, Any]], turns: list[_Turn], template_kwargs: dict[str, Any]
+) -> tuple[str, list[tuple[str, int] | None]]:
+    """The rendered conversation and, for each turn, where the template put its answer (one batched render)."""
+    probes = [_with_content(conversation, turn.index, turn.head + SENTINEL) for turn in turns]
+    rendered, *probe_texts = tokenizer.apply_chat_template([conversation, *probes], tokenize=False, **template_kwargs)
+    return rendered, [_locate(turn.answer, rendered, probe) for turn, probe in zip(turns, probe_texts)]
+
+
+def _split_think(turn: _Turn, think_close: str) -> _Turn | None:
+    """A message with ``<think>…</think>`` inside its content, as templates that move or drop that reasoning see it:
+    the probe keeps the reasoning and replaces only the answer after ``</think>``."""
+    cut = turn.answer.rfind(think_close)
+    if turn.head or turn.answer_only or cut < 0:
+        return None
+    cut += len(think_close)
+    return _Turn(turn.index, turn.answer[cut:], turn.answer[:cut], answer_only=True)
+
+
+def _render_turns(
+    tokenizer: Any,
+    conversation: list[Mapping[str, Any]],
+    indices: list[int],
+    marking: MarkingOptions,
+    template_kwargs: dict[str, Any],
+) -> tuple[str, list[tuple[_Turn, tuple[str, int] | None]]]:
+    """The render and each turn with where its answer sits (``None``: the template altered it)."""
+    turns = [_Turn(i, conversation[i]["content"], answer_only=marking.has_reasoning(conversation[i])) for i in indices]
+    rendered, located = _locate_turns(tokenizer, conversation, turns, template_kwargs)
+    think_close = str(marking.finder_options.get("think_close", "</think>"))
+    retry = {}
+    for number, turn in enumerate(turns):
+        split = _split_think(turn, think_close) if located[number] is None else None
+        if split is not None:
+            retry[number] = split
+    if retry:  # Qwen3-style templates move the reasoning found inside the content, or drop it from past turns
+        _, again = _locate_turns(tokenizer, conversation, list(retry.values()), template_kwargs)
+        for number, place in zip(retry, again):
+            if place is not None:
+                turns[number], located[number] = retry[number], place
+    return rendered, list(zip(turns, located))
 
 
 def _locate(content: str, rendered: str, probe_text: str) -> tuple[str, int] | None:
@@ -137,8 +298,9 @@ def tokenize_with_key_mask(
     assistant_only_loss: bool = False,
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them), ``sftkey_mask`` and
-    ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not found after templating)."""
+    """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them) and the ``TurnsMarked``
+    columns: ``sftkey_mask``, ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not
+    found after templating), ``sftkey_turns`` and ``sftkey_turns_found``."""
     eos = tokenizer.eos_token
     template_kwargs: dict[str, Any] = {}
     output: dict[str, Any] = {}
@@ -154,10 +316,10 @@ def tokenize_with_key_mask(
     prompt_text: str | None = None
     if form == "messages":
         conversation = example["messages"]
-        answer_index = _last_assistant_index(conversation)
+        indices = _answer_turns(conversation, 0, marking.turns)
     elif form == "chat_prompt_completion":
         conversation = example["prompt"] + example["completion"]
-        answer_index = len(example["prompt"]) + _last_assistant_index(example["completion"])
+        indices = _answer_turns(conversation, len(example["prompt"]), marking.turns)
         prompt_text = tokenizer.apply_chat_template(
             example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
         )
@@ -167,7 +329,7 @@ def tokenize_with_key_mask(
         completion = example[text_field]
 
     if conversation is not None:
-        text, probe_text = _render_with_probe(tokenizer, conversation, answer_index, template_kwargs)
+        text, turns = _render_turns(tokenizer, conversation, indices, marking, template_kwargs)
         if assistant_only_loss:
             encoded = tokenizer.apply_chat_template(
                 conversation,
@@ -180,13 +342,12 @@ def tokenize_with_key_mask(
             output["assistant_masks"] = list(encoded["assistant_masks"])
         else:
             encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        located = _locate(conversation[answer_index]["content"], text, probe_text)
     else:
         # TRL appends EOS to non-conversational completions (or texts) that lack it
         prefix = prompt_text or ""
         text = prefix + completion + ("" if completion.endswith(eos) else eos)
         encoded = tokenizer(text, return_offsets_mapping=True)
-        located = (completion, len(prefix))
+        turns = [(_Turn(0, completion), (completion, len(prefix)))]
     input_ids = list(encoded["input_ids"])
     output["input_ids"] = input_ids
 
@@ -196,78 +357,68 @@ def tokenize_with_key_mask(
         prompt_length = _common_prefix_length(prompt_ids, input_ids)
         output["completion_mask"] = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
 
-    if located is None:
-        key = KeyMask(mask=[0] * len(input_ids), finder=None)
-        output["sftkey_finder"] = NOT_LOCATED
-    else:
-        key = key_mask_for_completion(
-            text=text,
-            input_ids=input_ids,
-            offsets=encoded["offset_mapping"],
-            completion=located[0],
-            completion_start=located[1],
-            finder=marking.finder,
-            finder_options=marking.finder_options,
-            example=example,
-            edge_tokens=marking.edge_tokens,
-            eos_token_ids={tokenizer.eos_token_id} if marking.include_eos else (),
+    marked = TurnsMarked(mask=[0] * len(input_ids))
+    for turn, located in turns:
+        marked.mark(
+            located,
+            text,
+            input_ids,
+            encoded["offset_mapping"],
+            marking,
+            tokenizer,
+            example,
+            answer_only=turn.answer_only,
         )
-        output["sftkey_finder"] = key.finder or ""
-    output["sftkey_mask"] = key.mask
+    output.update(marked.columns())
     return output
 
 
-def _last_trained_segment(labels: list[int]) -> tuple[int, int] | None:
-    """``[start, end)`` of the last run of trained tokens (the final answer turn), or None when nothing is trained."""
-    end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE_INDEX:
-        end -= 1
-    if end == 0:
-        return None
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return start, end
+def _trained_segments(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of trained tokens (one per trained turn)."""
+    segments: list[tuple[int, int]] = []
+    start: int | None = None
+    for index, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = index
+        elif label == IGNORE_INDEX and start is not None:
+            segments.append((start, index))
+            start = None
+    return segments
 
 
 def key_mask_from_token_ids(
-    input_ids: list[int], labels: list[int], tokenizer: Any, marking: MarkingOptions
-) -> tuple[list[int], str]:
-    """The key mask of an already tokenised example (any prompt format), and the finder that matched.
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    tokenizer: Any,
+    marking: MarkingOptions,
+    example: Mapping[str, Any] | None = None,
+) -> TurnsMarked:
+    """The key mask of an already tokenised example (any prompt format), with the same options as text marking.
 
-    The completion is the last run of trained tokens, without trailing special tokens. It is decoded, and the text
-    re-tokenised with offsets: only when that gives back the same ids is the mask placed (exactly); otherwise the
-    status is ``not_located``. Returns ``("", ...)`` status when no finder matched.
+    Each run of trained tokens is a turn (``marking.turns``: every one, or the last). Its text, without trailing
+    special tokens, is decoded and re-tokenised with offsets: only when that gives back the same ids is the mask
+    placed (exactly), otherwise the turn is ``not_located``. ``example`` is the record, for the ``field`` finder.
     """
-    mask = [0] * len(input_ids)
-    segment = _last_trained_segment(labels)
+    marked = TurnsMarked(mask=[0] * len(input_ids))
     special = set(tokenizer.all_special_ids)
-    if segment is None:
-        return mask, ""
-    start, end = segment
-    while end > start and input_ids[end - 1] in special:
-        end -= 1
-    ids = list(input_ids[start:end])
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(encoded["input_ids"]) != ids:
-        return mask, NOT_LOCATED
-    key = key_mask_for_completion(
-        text=text,
-        input_ids=ids,
-        offsets=encoded["offset_mapping"],
-        completion=text,
-        completion_start=0,
-        finder=marking.finder,
-        finder_options=marking.finder_options,
-    )
-    mask[start:end] = key.mask
-    if marking.include_eos and 1 in key.mask and end < len(input_ids) and input_ids[end] == tokenizer.eos_token_id:
-        mask[end] = 1
-    return mask, key.finder or ""
+    segments = _trained_segments(labels)
+    for start, end in segments if marking.turns == "all" else segments[-1:]:
+        text_end = end
+        while text_end > start and input_ids[text_end - 1] in special:
+            text_end -= 1
+        if text_end == start:
+            continue  # only special tokens trained (an EOS after an untrained turn): no answer text
+        ids = list(input_ids[start:text_end])
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        located = (text, 0) if list(encoded["input_ids"]) == ids else None
+        # the trailing special tokens get zero-width offsets, as a tokenizer gives the ones it adds
+        offsets = [*encoded["offset_mapping"], *[(0, 0)] * (end - text_end)]
+        marked.mark(located, text, input_ids[start:end], offsets, marking, tokenizer, example, token_start=start)
+    return marked
 
 
 def mark_token_ids(example: Mapping[str, Any], tokenizer: Any, marking: MarkingOptions) -> dict[str, Any]:
-    """``Dataset.map`` form of ``key_mask_from_token_ids``: adds ``sftkey_mask`` and ``sftkey_finder``."""
-    mask, finder = key_mask_from_token_ids(list(example["input_ids"]), list(example["labels"]), tokenizer, marking)
-    return {"sftkey_mask": mask, "sftkey_finder": finder}
+    """``Dataset.map`` form of ``key_mask_from_token_ids`` (the row is the record): the ``TurnsMarked`` columns."""
+    marked = key_mask_from_token_ids(example["input_ids"], example["labels"], tokenizer, marking, example)
+    return marked.columns()

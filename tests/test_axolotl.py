@@ -465,7 +465,13 @@ def test_strategy_matches_trl_and_handles_missing(axolotl_env, workdir):
     rows = _tokenize(strategy, [MULTI_TURN, NO_KEY])
     _assert_marked_as_trl(tokenizer, [MULTI_TURN, NO_KEY], rows)
     key_text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["sftkey_mask"]) if m])
-    assert "4" in key_text and "5" not in key_text  # only the last assistant turn's answer
+    assert key_text == "\n<Answer>5</Answer><|im_end|>\n<Answer>4</Answer><|im_end|>"  # every trained assistant turn
+    assert (rows[0]["sftkey_turns"], rows[0]["sftkey_turns_found"]) == (2, 2)
+    _, _, last_only = _strategy(axolotl_env, {**config, "sftkey_turns": "last"})
+    row = _tokenize(last_only, [MULTI_TURN])[0]
+    assert tokenizer.decode([t for t, m in zip(row["input_ids"], row["sftkey_mask"]) if m]) == (
+        "\n<Answer>4</Answer><|im_end|>"
+    )
     assert rows[1]["sftkey_mask"] == [0] * len(rows[1]["input_ids"]) and rows[1]["sftkey_finder"] == ""
 
     _, _, dropping = _strategy(axolotl_env, {**config, "sftkey_on_missing": "drop"})

@@ -335,7 +335,8 @@ def test_hostile_completions_are_marked_or_counted(tiny_dir: str, tmp_path: Path
     """Every malformed completion is either marked as documented or counted "without a key span"; none vanishes."""
     records = [plain(c) for c, _ in HOSTILE_COMPLETIONS.values()]
     records[list(HOSTILE_COMPLETIONS).index("no answer, tags only in the prompt")]["prompt"] = THINK + "<Answer>2"
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep")
+    # most of these have no key: sftkey_min_found=0 lets the run start so the counts can be checked
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep", sftkey_min_found=0)
     stats = trainer.sftkey_callback.data_stats[0]
     expected = [key for _, key in HOSTILE_COMPLETIONS.values()]
     assert key_texts(trainer) == expected
@@ -348,7 +349,7 @@ def test_hostile_completions_are_marked_or_counted(tiny_dir: str, tmp_path: Path
 def test_empty_answer_block_counts_as_missing(tiny_dir: str, tmp_path: Path, answer: str) -> None:
     """An answer block with nothing in it has no key answer: it belongs to the ``sftkey_on_missing`` count."""
     records = [plain(f"{THINK}\n<Answer>{answer}</Answer>")]
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_on_missing="keep", sftkey_min_found=0)
     assert trainer.sftkey_callback.data_stats[0].missing == 1
 
 
@@ -554,7 +555,7 @@ def test_every_key_token_truncated(tiny_dir: str, tmp_path: Path, mode: str) -> 
     """All answers cut by max_length (kept): stage-2 steps have no key token; loss 0, no NaN, no fake key_loss."""
     records = arithmetic_records(8, seed=38, form="prompt_completion", terms=12)
     trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode=mode, sftkey_stage2_steps=1,
-                          max_length=64, max_steps=2)  # fmt: skip
+                          max_length=64, max_steps=2, sftkey_min_found=0)  # fmt: skip
     assert trainer.sftkey_callback.data_stats[0].cut == 8
     trainer.train()
     assert_meaningful_metrics(trainer)

@@ -16,7 +16,7 @@ from .args import STRATEGY_TYPE
 logger = logging.getLogger("sftkey_plugin")
 
 # Bump when the way the strategy marks tokens changes, so prepared datasets from older versions are not reused.
-MARKING_VERSION = 1
+MARKING_VERSION = 2  # 2: every trained assistant turn, reasoning_content answers, turn counts
 DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"  # axolotl.common.const, not imported to keep register() light
 
 
@@ -33,6 +33,8 @@ def marking_fingerprint(cfg: Any) -> str:
         "finder_options": options or {},
         "edge_tokens": arguments.sftkey_edge_tokens,
         "include_eos": arguments.sftkey_include_eos,
+        "turns": arguments.sftkey_turns,
+        "reasoning_field": arguments.sftkey_reasoning_field,
         "on_missing": arguments.sftkey_on_missing,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -5,15 +5,21 @@ the key mask is then made by the core's ``tokenize_with_key_mask`` (the TRL side
 conversation and template, checked to give the same ``input_ids``, and restricted to the tokens Axolotl trains
 (``labels != -100``). So for one example and template the mask equals the TRL mask on trained tokens.
 
-Extra columns: ``sftkey_mask`` (int 0/1, as long as ``input_ids``) and ``sftkey_finder`` (the finder that matched,
-``""`` none, ``"not_located"`` when neither the render nor Axolotl's own tokens could place it; the trainer counts
-and removes it). When Axolotl's tokens differ from ``apply_chat_template``'s, the mask is made from Axolotl's tokens
-(``key_mask_from_token_ids``: the answer turn decoded and re-tokenised with offsets).
+Every trained assistant turn gets its key span (``sftkey_turns: last``: only the last), and a message whose
+reasoning Axolotl holds under the template's thinking key (``reasoning_content``; ``split_thinking`` and
+``field_thinking`` applied) has its ``content`` as the answer.
+
+Extra columns: ``sftkey_mask`` (int 0/1, as long as ``input_ids``), ``sftkey_finder`` (the finder that matched,
+``""`` none, ``"not_located"`` when neither the render nor Axolotl's own tokens could place it), ``sftkey_turns`` and
+``sftkey_turns_found``; the trainer counts and removes all but the mask. When Axolotl's tokens differ from
+``apply_chat_template``'s, the mask is made from Axolotl's tokens (``key_mask_from_token_ids``: each trained turn
+decoded and re-tokenised with offsets).
 ``sftkey_on_missing: drop`` drops rows without key tokens here, before Axolotl counts the training steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -24,7 +30,10 @@ from ..collator import SFTKEY_MASK
 from ..config import sftkey_arguments_from, validate_sftkey_arguments
 from ..tokenize import (
     NOT_LOCATED,
+    REASONING_FIELDS,
+    TURN_COLUMNS,
     MarkingOptions,
+    TurnsMarked,
     key_mask_from_token_ids,
     require_fast_tokenizer,
     tokenize_with_key_mask,
@@ -64,17 +73,20 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         result = super()._tokenize_single_prompt(prompt)
         if self.marking is None:
             return result
-        mask, finder = self.key_mask(prompt, result["input_ids"], result["labels"])
-        if self.on_missing == "error" and 1 not in mask:
+        marked = self.key_mask(prompt, result["input_ids"], result["labels"])
+        if self.on_missing == "error" and 1 not in marked[SFTKEY_MASK]:
             content = self._last_assistant(prompt)
             raise ValueError(
                 f"SFTKey: no key answer found (finder {self.marking.finder!r}"
-                + (", the rendered conversation did not match Axolotl's tokens" if finder == NOT_LOCATED else "")
+                + (
+                    ", the rendered conversation did not match Axolotl's tokens"
+                    if marked[SFTKEY_FINDER] == NOT_LOCATED
+                    else ""
+                )
                 + f") in the example whose last assistant message is {content[-200:]!r}. Fix the data, choose "
                 "another sftkey_finder, or set sftkey_on_missing to 'drop' or 'keep'."
             )
-        result[SFTKEY_MASK] = mask
-        result[SFTKEY_FINDER] = finder
+        result.update(marked)
         return result
 
     def _last_assistant(self, prompt: dict) -> str:
@@ -83,28 +95,33 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
                 return turn["content"]
         return ""
 
-    def key_mask(self, prompt: dict, input_ids: list[int], labels: list[int]) -> tuple[list[int], str]:
-        """The key mask on Axolotl's tokens (0 where ``labels`` is ignored) and the finder that matched."""
+    def key_mask(self, prompt: dict, input_ids: list[int], labels: list[int]) -> dict[str, Any]:
+        """The ``TurnsMarked`` columns on Axolotl's tokens: key mask 0 where ``labels`` is ignored."""
         assert self.marking is not None
-        turns = self.get_conversation_thread(prompt)
+        turns = self.get_conversation_thread(prompt)  # split_thinking and field_thinking applied
         example = {
             **prompt,
             "messages": turns,
             "tools": self._get_tools(prompt),
             "chat_template_kwargs": self.prompter.chat_template_kwargs,
         }
+        # Axolotl puts each message's reasoning under the template's thinking key (field_thinking maps the data's)
+        marking = self.marking
+        if marking.reasoning_field is None and self.prompter.template_thinking_key not in REASONING_FIELDS:
+            marking = dataclasses.replace(marking, reasoning_field=self.prompter.template_thinking_key)
         try:
-            marked = tokenize_with_key_mask(
-                example, self.tokenizer, self.marking, chat_template=self.prompter.chat_template
-            )
+            marked = tokenize_with_key_mask(example, self.tokenizer, marking, chat_template=self.prompter.chat_template)
         except ValueError as error:  # e.g. no assistant message: nothing to mark
             logger.debug("SFTKey could not mark an example: %s", error)
-            return [0] * len(input_ids), ""
+            return TurnsMarked(mask=[0] * len(input_ids)).columns()
         if list(marked["input_ids"]) != list(input_ids):
             # Axolotl's render differs from apply_chat_template's (its own turn handling): mark its tokens directly
-            return key_mask_from_token_ids(list(input_ids), list(labels), self.tokenizer, self.marking)
-        mask = [int(m and label != IGNORE_TOKEN_ID) for m, label in zip(marked[SFTKEY_MASK], labels)]
-        return mask, marked[SFTKEY_FINDER] if 1 in mask else ""
+            return key_mask_from_token_ids(input_ids, labels, self.tokenizer, marking, prompt).columns()
+        columns = {name: marked[name] for name in TURN_COLUMNS}
+        columns[SFTKEY_MASK] = [int(m and label != IGNORE_TOKEN_ID) for m, label in zip(marked[SFTKEY_MASK], labels)]
+        if 1 not in columns[SFTKEY_MASK]:  # the key lay only in tokens Axolotl does not train
+            columns.update({SFTKEY_FINDER: "", "sftkey_turns_found": 0})
+        return columns
 
 
 class SFTKeyStrategyLoader(StrategyLoader):

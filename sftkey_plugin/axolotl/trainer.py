@@ -19,8 +19,8 @@ from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
-from ..stats import KeyDataStats, key_status
-from ..tokenize import MarkingOptions, mark_token_ids
+from ..stats import KeyDataStats, check_key_share, key_status
+from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
 from .strategy import SFTKEY_FINDER
 
 logger = logging.getLogger("sftkey_plugin")
@@ -28,20 +28,25 @@ logger = logging.getLogger("sftkey_plugin")
 
 def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
     """Counts of one prepared Axolotl dataset (rows with ``labels`` and ``sftkey_mask``)."""
-    columns = ["labels", SFTKEY_MASK] + ([SFTKEY_FINDER] if SFTKEY_FINDER in dataset.column_names else [])
+    columns = ["labels", *(c for c in TURN_COLUMNS if c in dataset.column_names)]
     statuses: list[str] = []
     finders: list[str] = []
     keys: list[int] = []
     trained: list[int] = []
+    turns: list[tuple[int, int]] = []
     for batch in dataset.select_columns(columns).iter(batch_size=1000):
         names = batch.get(SFTKEY_FINDER) or ["pretokenized"] * len(batch["labels"])
-        for labels, mask, finder in zip(batch["labels"], batch[SFTKEY_MASK], names):
+        for index, (labels, mask, finder) in enumerate(zip(batch["labels"], batch[SFTKEY_MASK], names)):
             n_key = int(sum(mask))
             statuses.append(key_status(finder, mask, slice(None)))
             finders.append(finder)
             keys.append(n_key)
             trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
-    return KeyDataStats.from_columns(name, statuses, finders, keys, trained)
+            if "sftkey_turns" in batch:
+                turns.append((batch["sftkey_turns"][index], batch["sftkey_turns_found"][index]))
+            else:  # a mask that came with the data: one turn
+                turns.append((1, int(n_key > 0)))
+    return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
 
 
 def _transformers_accepts_loss_kwargs(model: Any) -> bool:
@@ -88,10 +93,20 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
                 f"SFTKey: {stats.missing} of {stats.examples} {name} examples have no key span. Fix the data, choose "
                 "another sftkey_finder, or set sftkey_on_missing: keep."
             )
-        if SFTKEY_FINDER in dataset.column_names:
-            dataset = dataset.remove_columns([SFTKEY_FINDER])
+        if name == "train":  # before the first step
+            check_key_share(stats, arguments, self._sftkey_data_form(), self._sftkey_preview_command())
+        dataset = dataset.remove_columns([c for c in TURN_COLUMNS[1:] if c in dataset.column_names])
         setattr(self, attribute, dataset)
         return stats
+
+    def _sftkey_data_form(self) -> str:
+        """The configured datasets in words (path and type), for the refusal message."""
+        datasets = self._sftkey_cfg.get("datasets") or []
+        described = [f"{d.get('path')} (type {d.get('type')})" for d in datasets if hasattr(d, "get")]
+        return "Axolotl datasets " + ", ".join(described) if described else "the Axolotl training dataset"
+
+    def _sftkey_preview_command(self) -> str:
+        return f"axolotl sftkey-preview {self._sftkey_cfg.get('axolotl_config_path') or 'YOUR_CONFIG.yml'}"
 
     def _sftkey_wrap_collators(self) -> None:
         from transformers import DataCollatorWithFlattening
@@ -111,6 +126,7 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         if self._sftkey_configured:
             return
         arguments = source if isinstance(source, SFTKeyArguments) else sftkey_arguments_from(source)
+        self._sftkey_cfg = {} if isinstance(source, SFTKeyArguments) else source
         validate_sftkey_arguments(arguments)
         # The top-level module: PEFT calls the base model's ``forward`` directly, which skips its hooks
         self._sftkey_setup(arguments, self.model)

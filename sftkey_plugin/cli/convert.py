@@ -16,6 +16,7 @@ from typing import Any
 
 from ..examples import tagged_response
 from ..finders import match_key_spans
+from ..tokenize import REASONING_FIELDS
 from .answers import format_ok, strip_markers
 from .data import CLIError, last_assistant_index, load_records, parse_json_option, record_form, save_records
 
@@ -40,7 +41,9 @@ def add_parser(subparsers: Any) -> None:
         epilog="Sources: gsm8k (reasoning, then '#### N'), think (<think>reasoning</think> answer), boxed (the "
         "whole solution is the reasoning, the last \\boxed{} the answer), answer_is ('... The answer is (B).'), "
         "field (the response is the reasoning, --answer-field the answer). Raw question/answer files such as "
-        "GSM8K: --prompt-field question --response-field answer.",
+        "GSM8K: --prompt-field question --response-field answer. Assistant messages with the reasoning in "
+        "reasoning_content (Qwen3/DeepSeek-R1 style; also thinking or reasoning) are converted whatever --from says: "
+        "that field is the reasoning, the content the answer.",
     )
     parser.add_argument("input", help="a .jsonl/.json/.parquet file or a datasets folder")
     parser.add_argument("output", help="the converted records: .jsonl, .json, .parquet, or a folder name")
@@ -61,6 +64,11 @@ def add_parser(subparsers: Any) -> None:
         "--allow-trailing",
         action="store_true",
         help="drop text after the answer (e.g. 'I hope it is correct.') instead of rejecting",
+    )
+    parser.add_argument(
+        "--reasoning-field",
+        help="the assistant-message field holding the reasoning apart from the answer (default: reasoning_content, "
+        "thinking or reasoning); such a message is converted whatever --from says: its content is the answer",
     )
     parser.add_argument("--rejects", help="where rejected records go (default: OUTPUT's name + .rejects.jsonl)")
     parser.add_argument("--json", action="store_true", help="print the counts as one JSON object")
@@ -100,6 +108,31 @@ def split_response(
     return reasoning.strip(), answer.strip()
 
 
+def reasoning_field_of(message: Mapping[str, Any], wanted: str | None = None) -> str | None:
+    """The name of the field holding a message's reasoning apart from its content (None: it has none)."""
+    names = (wanted,) if wanted else REASONING_FIELDS
+    return next((name for name in names if isinstance(message.get(name), str) and message[name].strip()), None)
+
+
+def _tag_separate_reasoning(message: Mapping[str, Any], field: str) -> dict[str, Any]:
+    """A message with ``reasoning_content`` (or the like): its reasoning and its content become one tagged content."""
+    reasoning, answer = str(message[field]).strip(), str(message.get("content") or "").strip()
+    _check(reasoning, answer)
+    tagged = {key: value for key, value in message.items() if key != field}
+    return {**tagged, "content": tagged_response(reasoning, answer)}
+
+
+def _convert_separate_reasoning(messages: list[dict[str, Any]], wanted: str | None) -> bool:
+    """Convert, in place, every assistant message that keeps its reasoning in a separate field; True if any did."""
+    converted = False
+    for index, message in enumerate(messages):
+        field = reasoning_field_of(message, wanted) if message.get("role") == "assistant" else None
+        if field is not None:
+            messages[index] = _tag_separate_reasoning(message, field)
+            converted = True
+    return converted
+
+
 def _check(reasoning: str, answer: str) -> None:
     if not reasoning:
         raise Reject("empty reasoning")
@@ -132,6 +165,10 @@ def convert_record(record: dict[str, Any], args: argparse.Namespace, options: Ma
         if index is None or not isinstance(holder[index].get("content"), str):
             raise Reject("no assistant message with string content")
         response = holder[index]["content"]
+        converted = _convert_separate_reasoning(holder, getattr(args, "reasoning_field", None))
+        if converted and holder[index]["content"] != response:  # the answer turn was one of them
+            output.setdefault("answer", strip_markers(response.strip()))
+            return output, CONVERTED
     if format_ok(response):
         return output, UNCHANGED
     reasoning, answer = split_response(response, args.source, record, options, args.allow_trailing)

@@ -20,6 +20,7 @@ from .data import CLIError, load_records, parse_json_option, record_form
 
 NO_FINDER = "(none)"
 ERROR = "error"  # the record cannot be tokenised at all (TRL would stop on it too)
+EXAMPLE_FIELDS = ("index", "finder", "status", "tokens", "key_tokens", "trained_tokens", "turns", "turns_found")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -61,6 +62,17 @@ def add_parser(subparsers: Any) -> None:
         dest="include_eos",
         action="store_false",
         help="do not count the EOS after the answer as a key token",
+    )
+    parser.add_argument(
+        "--turns",
+        default="all",
+        choices=["all", "last"],
+        help="multi-turn data: key span in every assistant turn (all, default) or only the last, as sftkey_turns",
+    )
+    parser.add_argument(
+        "--reasoning-field",
+        help="the assistant-message field with the reasoning, as sftkey_reasoning_field (default: "
+        "reasoning_content, thinking or reasoning)",
     )
     parser.add_argument("-n", "--num-examples", type=int, default=5, help="examples to print (default 5)")
     parser.add_argument(
@@ -112,6 +124,8 @@ def classify(
         "kept": range(length)[keep],
         "key": key,
         "trained": trained,
+        "turns": encoded["sftkey_turns"],
+        "turns_found": encoded["sftkey_turns_found"] if status != MISSING else 0,
     }
 
 
@@ -187,6 +201,7 @@ def summarise(rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[
         [r["finder"] if r["status"] != MISSING else "" for r in rows],
         [r["key_tokens"] for r in rows],
         [r["trained_tokens"] for r in rows],
+        [(r["turns"], r["turns_found"]) for r in rows],
     )
     stats.emptied = sum(r["emptied"] for r in rows)
     complete = stats.found - stats.cut
@@ -215,6 +230,7 @@ def format_summary(summary: dict[str, Any], header: str, per_finder: bool) -> st
         f"  {'  complete after truncation':<38}{share(summary['complete'])}",
         f"  {'  answer cut by truncation':<38}{share(summary['cut'])}",
         f"  {'without a key span':<38}{share(summary['missing'])}",
+        f"  {'assistant turns (with a key span)':<38}{summary['turns']:>7}  ({summary['turns_found']})",
         f"  {'no trained token left (TRL drops)':<38}{summary['emptied']:>7}",
         f"  {'records that cannot be tokenised':<38}{summary['errors']:>7}",
         f"  {'key tokens per example':<38}{summary['key_tokens'] / n:>7.1f}",
@@ -251,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.data}: no records")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     require_fast_tokenizer(tokenizer)
-    marking = MarkingOptions(args.finder, options, args.edge_tokens, args.include_eos)
+    marking = MarkingOptions(args.finder, options, args.edge_tokens, args.include_eos, args.turns, args.reasoning_field)
     rows, errors, encodings = [], [], {}
     for index, record in enumerate(tqdm(records, desc="tokenizing", unit="ex", disable=None)):
         try:
@@ -297,7 +313,7 @@ def _json_report(args, summary, shown, errors, encodings, tokenizer, passed):  #
         texts = token_texts(tokenizer, encodings[row["index"]])
         examples.append(
             {
-                **{k: row[k] for k in ("index", "finder", "status", "tokens", "key_tokens", "trained_tokens")},
+                **{k: row[k] for k in EXAMPLE_FIELDS},
                 "token_texts": texts,
                 "key_mask": row["key"],
                 "trained_mask": row["trained"],
@@ -339,5 +355,6 @@ def _print_report(args, records, summary, shown, errors, encodings, tokenizer) -
         print(
             f"\n--- record {row['index']}: {row['status']}, finder {row['finder']}, {row['key_tokens']} key of "
             f"{row['trained_tokens']} trained tokens ({row['tokens']} in all)"
+            + (f", key in {row['turns_found']} of {row['turns']} assistant turns" if row["turns"] > 1 else "")
         )
         print(render_tokens(texts, row["key"], row["trained"], row["kept"], color))

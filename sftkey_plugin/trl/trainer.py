@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from typing import Any
 
@@ -15,12 +16,25 @@ from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arg
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
-from ..stats import CUT, FOUND, KeyDataStats, key_status
-from ..tokenize import MarkingOptions, mark_token_ids, require_fast_tokenizer, tokenize_with_key_mask
+from ..stats import CUT, FOUND, KeyDataStats, check_key_share, key_status
+from ..tokenize import (
+    MarkingOptions,
+    describe_data_form,
+    mark_token_ids,
+    require_fast_tokenizer,
+    tokenize_with_key_mask,
+)
 
 logger = logging.getLogger("sftkey_plugin")
 
-_STAT_COLUMNS = ("sftkey_finder", "sftkey_status", "sftkey_key_tokens", "sftkey_completion_tokens")
+_STAT_COLUMNS = (
+    "sftkey_finder",
+    "sftkey_status",
+    "sftkey_key_tokens",
+    "sftkey_completion_tokens",
+    "sftkey_turns",
+    "sftkey_turns_found",
+)
 
 
 def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, Any]:
@@ -35,6 +49,9 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
         "sftkey_status": key_status(example["sftkey_finder"], mask, keep),
         "sftkey_key_tokens": sum(kept),
         "sftkey_completion_tokens": sum(trained[keep]),
+        # rows that came with their own mask have no turn counts: one turn each
+        "sftkey_turns": example.get("sftkey_turns", 1),
+        "sftkey_turns_found": example.get("sftkey_turns_found", int(1 in mask)),
     }
 
 
@@ -44,17 +61,34 @@ class SFTKeyMixin(SFTKeyLossMixin):
     With ``args.sftkey`` false the trainer is the stock one: nothing is added to the data or the loss.
     """
 
+    _sftkey_data_form = "pre-tokenised input_ids"  # replaced by the training records' form when they are tokenised here
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not getattr(self.args, "sftkey", False):
             return
         arguments = sftkey_arguments_from(self.args)
+        validate_sftkey_arguments(arguments)
         self._sftkey_reject_unsupported()
         # Installed after __init__, where TRL also forbids a custom collator with padding-free (which we support)
         self.data_collator = SFTKeyDataCollator(self.data_collator)
         # The top-level model: PEFT calls its base model's ``forward`` directly, which skips hooks registered there
         self._sftkey_setup(arguments, self.model)
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
+        for stats in self.sftkey_callback.data_stats[:1]:  # the training data: refuse before the first step
+            check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
+
+    def _sftkey_preview_command(self, arguments: SFTKeyArguments) -> str:
+        """The ``sftkey preview`` command line that shows what this trainer's settings find in the data."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        command = f"sftkey preview YOUR_DATA.jsonl --tokenizer {getattr(tokenizer, 'name_or_path', '') or 'TOKENIZER'}"
+        if arguments.sftkey_finder != "auto":
+            command += f" --finder {arguments.sftkey_finder}"
+        if arguments.sftkey_finder_options:
+            command += f" --finder-options '{json.dumps(arguments.sftkey_finder_options)}'"
+        if self.args.max_length is not None:
+            command += f" --max-length {self.args.max_length} --truncation-mode {self.args.truncation_mode}"
+        return command + (f" --turns {arguments.sftkey_turns}" if arguments.sftkey_turns != "all" else "")
 
     def _sftkey_reject_unsupported(self) -> None:
         """Settings SFTKey cannot honour: refuse them rather than train wrongly."""
@@ -141,6 +175,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
             dataset = dataset.map(lambda example: {args.dataset_text_field: formatting_func(example)}, **map_kwargs)
         if is_conversational_from_value(dataset[0]):
             dataset = dataset.map(maybe_convert_to_chatml, remove_columns=["conversations"], **map_kwargs)
+        if dataset_name == "train" and len(dataset):
+            marking = MarkingOptions.from_arguments(arguments)
+            self._sftkey_data_form = describe_data_form(dataset[0], marking, args.dataset_text_field)
         return dataset.map(
             tokenize_with_key_mask,
             fn_kwargs={
@@ -167,6 +204,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             columns["sftkey_finder"],
             columns["sftkey_key_tokens"],
             columns["sftkey_completion_tokens"],
+            zip(columns["sftkey_turns"], columns["sftkey_turns_found"]),
         )
         bad = [i for i, status in enumerate(columns["sftkey_status"]) if status != FOUND]
         policy = arguments.sftkey_on_missing
