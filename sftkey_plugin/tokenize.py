@@ -2,8 +2,11 @@
 
 Supported record forms (as TRL): conversational ``messages``; ``prompt``/``completion`` (conversational or
 plain strings); plain ``text`` (the whole text is the completion). The finder reads the *completion*: the
-content of the last assistant message, the completion string, or the text. Its character spans are mapped into
-the tokenised text through the fast tokenizer's offset mapping, so the mask is exact through the chat template.
+content of each trained assistant message (``turns="last"``: the last one), the completion string, or the text.
+Each assistant content is located in the render by a sentinel probe, after the template has placed its reasoning
+(``reasoning_content``: then the content is the answer alone). The character spans are mapped into the tokenised
+text through the fast tokenizer's offset mapping, so the mask is exact through the chat template. Rows that arrive
+tokenised are marked turn by turn through the same step (``TurnsMarked.mark``).
 
 The tokenizer is passed in (any ``transformers`` fast tokenizer); this module imports no framework.
 """
@@ -48,10 +51,14 @@ class MarkingOptions:
             reasoning_field=arguments.sftkey_reasoning_field,
         )
 
+    def reasoning_of(self, message: Mapping[str, Any]) -> str | None:
+        """The field name under which an assistant message keeps its reasoning apart from the answer, or None."""
+        names = (self.reasoning_field,) if self.reasoning_field else REASONING_FIELDS
+        return next((name for name in names if isinstance(message.get(name), str) and message[name].strip()), None)
+
     def has_reasoning(self, message: Mapping[str, Any]) -> bool:
         """Whether an assistant message carries its reasoning in a separate field (so its content is the answer)."""
-        names = (self.reasoning_field,) if self.reasoning_field else REASONING_FIELDS
-        return any(isinstance(message.get(name), str) and message[name].strip() for name in names)
+        return self.reasoning_of(message) is not None
 
 
 @dataclass
@@ -97,8 +104,8 @@ class TurnsMarked:
         )
         if key.found:
             self.finders.append(key.finder or "")
-            for index, value in enumerate(key.mask, token_start):
-                self.mask[index] |= value
+            end = token_start + len(key.mask)
+            self.mask[token_start:end] = [a | b for a, b in zip(self.mask[token_start:end], key.mask)]
 
     @property
     def finder(self) -> str:
@@ -180,15 +187,41 @@ def describe_data_form(example: Mapping[str, Any], marking: MarkingOptions, text
     messages = example["messages"] if form == "messages" else [*example["prompt"], *example["completion"]]
     answers = [m for m in messages if m.get("role") == "assistant"]
     words = [_FORM_NAMES[form]] + (["multi-turn"] if len(answers) > 1 else [])
-    names = (marking.reasoning_field,) if marking.reasoning_field else REASONING_FIELDS
-    words += [f"reasoning in {name}" for name in names if any(name in m for m in answers)]
+    words += [f"reasoning in {name}" for name in dict.fromkeys(filter(None, map(marking.reasoning_of, answers)))]
     return ", ".join(words)
+
+
+def _template_kwargs(example: Mapping[str, Any], chat_template: str | None) -> dict[str, Any]:
+    """``apply_chat_template`` arguments for a conversational record, as TRL passes them."""
+    tools = example.get("tools")
+    return {
+        "chat_template": chat_template,
+        "tools": json.loads(tools) if isinstance(tools, str) else tools,
+        **(example.get("chat_template_kwargs") or {}),
+    }
+
+
+def reasoning_dropped(
+    example: Mapping[str, Any], tokenizer: Any, marking: MarkingOptions, chat_template: str | None = None
+) -> str | None:
+    """The reasoning field of the record's last assistant message when the chat template renders none of it (a
+    template without reasoning support: only the answers would be trained), else None."""
+    form = _record_form(example, "text")
+    if form not in ("messages", "chat_prompt_completion"):
+        return None
+    conversation = example["messages"] if form == "messages" else [*example["prompt"], *example["completion"]]
+    answers = [m for m in conversation if m.get("role") == "assistant" and marking.has_reasoning(m)]
+    if not answers:
+        return None
+    name = marking.reasoning_of(answers[-1])
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, **_template_kwargs(example, chat_template))
+    return name if name and answers[-1][name].strip() not in rendered else None
 
 
 def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> list[int]:
     """Indices of the assistant messages from ``first`` on whose content is marked: every one, or the last.
 
-    A tool-call message without text (content None, or blank with ``tool_calls``) has no answer and is not a turn.
+    A tool-call message without text (``tool_calls`` and a None or blank content) has no answer and is not a turn.
     """
     indices = []
     for index in range(first, len(messages)):
@@ -196,7 +229,7 @@ def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> 
         if message.get("role") != "assistant":
             continue
         content = message.get("content")
-        if content is None or (message.get("tool_calls") and isinstance(content, str) and not content.strip()):
+        if message.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip())):
             continue
         if not isinstance(content, str):
             raise ValueError(
@@ -307,15 +340,9 @@ def tokenize_with_key_mask(
     ``completion_after_prompt_length``: after as many tokens as the prompt alone has, as older TRL (1.9) does, so a
     prompt token merged with the completion's first one is not trained there."""
     eos = tokenizer.eos_token
-    template_kwargs: dict[str, Any] = {}
     output: dict[str, Any] = {}
-    if "prompt" in example or "messages" in example:
-        tools = example.get("tools")
-        template_kwargs = {
-            "chat_template": chat_template,
-            "tools": json.loads(tools) if isinstance(tools, str) else tools,
-            **(example.get("chat_template_kwargs") or {}),
-        }
+    conversational = "prompt" in example or "messages" in example
+    template_kwargs = _template_kwargs(example, chat_template) if conversational else {}
     form = _record_form(example, text_field)
     conversation: list[Mapping[str, Any]] | None = None
     prompt_text: str | None = None

@@ -76,3 +76,35 @@ def test_axolotl_train_refuses_keyless_data_before_the_first_step(tiny_dir, tmp_
     assert f"Data form: Axolotl datasets {data} (type sftkey_plugin.axolotl.strategy)" in output
     assert f"axolotl sftkey-preview {path}" in output
     assert not (tmp_path / "out" / "checkpoint-2").exists() and "'loss':" not in output
+
+
+def test_preview_shows_turns_and_marks_pretokenised_rows(tiny_dir, tmp_path) -> None:
+    """``axolotl sftkey-preview``: multi-turn reasoning data shows its turns; pre-tokenised rows are marked from their
+    tokens, as the trainer marks them."""
+    from axolotl.cli.main import cli
+    from axolotl.cli.plugins import PluginCommand
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from sftkey_plugin.examples import arithmetic_records
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    commands = cli.plugin_commands()
+    commands.setdefault("sftkey-preview", PluginCommand(target="sftkey_plugin.axolotl.preview:sftkey_preview"))
+    chats = tmp_path / "r1.jsonl"
+    chats.write_text("".join(json.dumps(reasoning_record(n, turns=2)) + "\n" for n in range(4)), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenised = tmp_path / "tokenised.jsonl"
+    with tokenised.open("w", encoding="utf-8") as handle:
+        for record in arithmetic_records(3, seed=2, form="prompt_completion_text"):
+            encoded = tokenize_with_key_mask(record, tokenizer, MarkingOptions())
+            labels = [t if c else -100 for t, c in zip(encoded["input_ids"], encoded["completion_mask"])]
+            row = {"input_ids": encoded["input_ids"], "labels": labels, "attention_mask": [1] * len(labels)}
+            handle.write(json.dumps(row) + "\n")
+    config = _config(tmp_path, tiny_dir, {"path": str(chats)})
+    config["datasets"].append({"path": str(tokenised), "ds_type": "json"})
+    result = CliRunner().invoke(cli, ["sftkey-preview", str(_write(tmp_path / "p.yml", config)), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"datasets[0] {chats} data: 4 examples, key span found in 4 (100.0%) [content 4]" in result.output
+    assert "key span in 8 of 8 assistant turns" in result.output and "key in 2 of 2 turns" in result.output
+    assert f"datasets[1] {tokenised} data: 3 examples, key span found in 3 (100.0%) [tags 3]" in result.output

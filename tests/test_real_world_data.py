@@ -5,6 +5,7 @@ and the ``sftkey_min_found`` refusal before the first step."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_trl import trainer_for
+from test_trl import PER_TOKEN, trainer_for
 
 from sftkey_plugin import find_key_spans
 from sftkey_plugin.cli.main import main
@@ -325,7 +326,7 @@ def keyless_records(n: int = 8) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     ("mode", "weights"),
-    [("two_stage", {}), ("key_only", {}), ("weighted", {"sftkey_key_weight": 2.0})],
+    [("two_stage", {}), ("key_only", {}), ("weighted", {"sftkey_key_weight": 2.0, **PER_TOKEN})],
 )
 def test_trl_refuses_to_start_without_key_spans(tiny_dir: str, tmp_path: Path, mode: str, weights: dict) -> None:
     """Nothing to key on: the trainer stops while it is built, before any step, and says what to look at."""
@@ -353,7 +354,7 @@ def test_trl_min_found_threshold_and_off_switches(tiny_dir: str, tmp_path: Path)
         trainer_for(tiny_dir, half, tmp_path / "strict", sftkey=True, sftkey_min_found=0.6)
     # 0 turns the check off; weighted 1:1 is plain SFT and needs no key token
     trainer_for(tiny_dir, keyless_records(), tmp_path / "off", sftkey=True, sftkey_min_found=0)
-    trainer_for(tiny_dir, keyless_records(), tmp_path / "w11", sftkey=True, sftkey_mode="weighted")
+    trainer_for(tiny_dir, keyless_records(), tmp_path / "w11", sftkey=True, sftkey_mode="weighted", **PER_TOKEN)
     with pytest.raises(ValueError, match="sftkey_min_found must be in"):
         trainer_for(tiny_dir, half, tmp_path / "bad", sftkey=True, sftkey_min_found=1.5)
 
@@ -434,3 +435,21 @@ def test_convert_reasoning_content_conversations_to_tags(tmp_path: Path, capsys)
         "<Thinking>2 + 4 = 6.</Thinking>\n<Answer>The result is 6.</Answer>",
     ]
     assert all("reasoning_content" not in m for m in answers)
+
+
+def test_trl_warns_when_the_template_ignores_reasoning_content(
+    tiny_dir: str, qwen3_style_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ChatML template never renders reasoning_content: the run says that only the answers would be trained."""
+    records = [reasoning_record(number) for number in range(4)]
+    logger = logging.getLogger("sftkey_plugin")
+    logger.addHandler(caplog.handler)  # directly: once the Axolotl plugin has run, this logger does not propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger="sftkey_plugin"):
+            trainer_for(tiny_dir, records, tmp_path / "chatml", sftkey=True)
+            assert "does not render the assistant messages' reasoning_content" in caplog.text
+            caplog.clear()
+            trainer_for(qwen3_style_dir, records, tmp_path / "qwen3", sftkey=True)
+            assert "does not render" not in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)

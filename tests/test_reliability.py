@@ -446,7 +446,7 @@ def test_answer_field_none_counts_as_missing(tiny_dir: str, tmp_path: Path) -> N
 def test_answer_field_none_never_marks_the_word_none(tiny_dir: str, tmp_path: Path) -> None:
     """A record whose answer is None has no key span, even if its completion says "None"."""
     records = [{**plain("The function returns None."), "answer": None}]
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_finder="field",
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_finder="field", sftkey_min_found=0,
                           sftkey_finder_options={"answer_field": "answer"})  # fmt: skip
     assert trainer.sftkey_callback.data_stats[0].missing == 1
 
@@ -456,7 +456,9 @@ def test_template_that_rewrites_the_answer_is_counted(tiny_dir: str, tmp_path: P
     template = tmp_path / "upper.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\n' }}{% endfor %}")
     records = arithmetic_records(2, seed=35, form="messages")
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, chat_template_path=str(template))
+    trainer = trainer_for(
+        tiny_dir, records, tmp_path, sftkey=True, chat_template_path=str(template), sftkey_min_found=0
+    )
     stats = trainer.sftkey_callback.data_stats[0]
     assert (stats.missing, stats.kept_without_key, stats.not_located, dict(stats.by_finder)) == (2, 2, 2, {})
     assert "(2 altered by the chat template)" in stats.summary_line()

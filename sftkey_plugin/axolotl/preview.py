@@ -66,17 +66,26 @@ def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> 
     sftkey_on_missing, dropped by sequence_len)``."""
     from axolotl.prompt_strategies import load as load_strategy
 
+    from ..collator import SFTKEY_MASK
+    from ..config import sftkey_arguments_from, validate_sftkey_arguments
+    from ..tokenize import MarkingOptions, mark_token_ids
+
     raw = _raw_dataset(dataset_config, cfg, sample)
     if "input_ids" in raw.column_names:  # pre-tokenised: used as is
-        batch = raw.to_dict()
+        batch = raw[:]
         dropped_missing = 0
     else:
         strategy = load_strategy(dataset_config.type, tokenizer, cfg, dataset_config)
         if strategy is None:
             raise click.ClickException(f"Cannot load the prompt strategy {dataset_config.type!r}.")
-        batch = strategy.tokenize_prompt(raw.to_dict())
+        batch = strategy.tokenize_prompt(raw[:])  # slicing decodes Json features (messages of differing keys)
         dropped_missing = len(raw) - len(batch["input_ids"])
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    arguments = sftkey_arguments_from(cfg)
+    validate_sftkey_arguments(arguments)
+    marking = MarkingOptions.from_arguments(arguments)
+    # rows of non-chat types get their mask from their own tokens, as the trainer marks them
+    rows = [row if SFTKEY_MASK in row else {**row, **mark_token_ids(row, tokenizer, marking)} for row in rows]
     kept = [row for row in rows if len(row["input_ids"]) <= cfg.sequence_len]
     return kept, dropped_missing, len(rows) - len(kept)
 
@@ -117,6 +126,7 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
             [row.get(SFTKEY_FINDER, "pretokenized") if 1 in row[SFTKEY_MASK] else "" for row in rows],
             [sum(row[SFTKEY_MASK]) for row in rows],
             [sum(1 for label in row["labels"] if label != -100) for row in rows],
+            [(row.get("sftkey_turns", 1), row.get("sftkey_turns_found", int(1 in row[SFTKEY_MASK]))) for row in rows],
         )
         stats.dropped = dropped_missing
         click.echo(stats.summary_line())
@@ -129,7 +139,12 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
             n_key = sum(row[SFTKEY_MASK])
             n_trained = sum(1 for label in row["labels"] if label != -100)
             finder = row.get(SFTKEY_FINDER) or "none"
-            click.echo(f"--- example {number}: finder {finder}, {n_key} key of {n_trained} trained tokens ---")
+            turns = (
+                f", key in {row['sftkey_turns_found']} of {row['sftkey_turns']} turns"
+                if row["sftkey_turns"] > 1
+                else ""
+            )
+            click.echo(f"--- example {number}: finder {finder}, {n_key} key of {n_trained} trained tokens{turns} ---")
             click.echo(_highlight(tokenizer, row["input_ids"], row["labels"], row[SFTKEY_MASK], color))
 
 

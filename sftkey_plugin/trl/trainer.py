@@ -22,6 +22,7 @@ from ..tokenize import (
     MarkingOptions,
     describe_data_form,
     mark_token_ids,
+    reasoning_dropped,
     require_fast_tokenizer,
     tokenize_with_key_mask,
 )
@@ -76,8 +77,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
         # The top-level model: PEFT calls its base model's ``forward`` directly, which skips hooks registered there
         self._sftkey_setup(arguments, self.model)
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
-        for stats in self.sftkey_callback.data_stats[:1]:  # the training data: refuse before the first step
-            check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
+        for stats in self.sftkey_callback.data_stats:
+            if stats.name == "train":  # refuse before the first step
+                check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
 
     def _sftkey_preview_command(self, arguments: SFTKeyArguments) -> str:
         """The ``sftkey preview`` command line that shows what this trainer's settings find in the data."""
@@ -89,6 +91,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
             command += f" --finder-options '{json.dumps(arguments.sftkey_finder_options)}'"
         if self.args.max_length is not None:
             command += f" --max-length {self.args.max_length} --truncation-mode {self.args.truncation_mode}"
+        if arguments.sftkey_reasoning_field:
+            command += f" --reasoning-field {arguments.sftkey_reasoning_field}"
         return command + (f" --turns {arguments.sftkey_turns}" if arguments.sftkey_turns != "all" else "")
 
     def _sftkey_reject_unsupported(self) -> None:
@@ -179,6 +183,14 @@ class SFTKeyMixin(SFTKeyLossMixin):
         if dataset_name == "train" and len(dataset):
             marking = MarkingOptions.from_arguments(arguments)
             self._sftkey_data_form = describe_data_form(dataset[0], marking, args.dataset_text_field)
+            dropped = reasoning_dropped(dataset[0], tokenizer, marking, self.chat_template)
+            if dropped:
+                logger.warning(
+                    "SFTKey: the chat template does not render the assistant messages' %s (first record): only the "
+                    "answers are trained, in both stages. Use a template that renders it (Qwen3's, for example) or "
+                    "put it into the content with `sftkey convert`.",
+                    dropped,
+                )
         return dataset.map(
             tokenize_with_key_mask,
             fn_kwargs={
