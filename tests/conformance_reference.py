@@ -7,8 +7,9 @@ finders document it (``tags``: everything after ``</Thinking>``; ``answer_is``: 
 
 The reference shares no code with the plugin: it turns each token back into its bytes from the token string
 (byte-level BPE), checks that they spell the rendered text, finds each key text by string search (it must occur
-exactly once), and marks every token whose bytes overlap a key (the documented ``edge_tokens: include``) plus the
-EOS that ends the answer with only whitespace tokens before it (``sftkey_include_eos``).
+exactly once), and marks every token whose bytes overlap a key (the documented ``edge_tokens: include``; ``exclude``:
+every token wholly inside it) plus the EOS that ends the answer with only whitespace tokens before it
+(``sftkey_include_eos``).
 """
 
 from __future__ import annotations
@@ -162,8 +163,11 @@ def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     ]
 
 
-def reference_key_mask(tokenizer: Any, input_ids: Sequence[int], keys: Sequence[str], text: str) -> list[int]:
-    """Tokens overlapping each key's bytes, plus the EOS after it with only whitespace tokens in between."""
+def reference_key_mask(
+    tokenizer: Any, input_ids: Sequence[int], keys: Sequence[str], text: str, edge_tokens: str = "include"
+) -> list[int]:
+    """Tokens overlapping each key's bytes (``exclude``: wholly inside them), plus the EOS after the last of them with
+    only whitespace tokens in between."""
     pieces = token_bytes(tokenizer, input_ids)
     spelled = b"".join(pieces)
     assert spelled == text.encode("utf-8"), f"the tokens do not spell the rendered text: {spelled!r} != {text!r}"
@@ -178,7 +182,10 @@ def reference_key_mask(tokenizer: Any, input_ids: Sequence[int], keys: Sequence[
         assert text.count(key) == 1, f"key {key!r} must occur exactly once in the rendered text {text!r}"
         key_start = len(text[: text.index(key)].encode("utf-8"))
         key_end = key_start + len(key.encode("utf-8"))
-        hits = [i for i in range(len(pieces)) if starts[i] < key_end and ends[i] > key_start and pieces[i]]
+        if edge_tokens == "include":
+            hits = [i for i in range(len(pieces)) if starts[i] < key_end and ends[i] > key_start and pieces[i]]
+        else:
+            hits = [i for i in range(len(pieces)) if starts[i] >= key_start and ends[i] <= key_end and pieces[i]]
         for i in hits:
             mask[i] = 1
         for i in range(hits[-1] + 1, len(pieces)):

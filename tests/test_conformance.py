@@ -132,13 +132,14 @@ def _stock_rows(name: str, family: Family, cases: list[Case]) -> list[dict]:
     return prepared.to_list()
 
 
-def _marked_rows(name: str, family: Family, cases: list[Case], turns: str = "all") -> list[dict]:
-    """The plugin's marking of each record (TRL side): ``tokenize_with_key_mask`` with the default options."""
+def _marked_rows(name: str, family: Family, cases: list[Case], **options: str) -> list[dict]:
+    """The plugin's marking of each record (TRL side): ``tokenize_with_key_mask`` with the default options, or the
+    ``sftkey_*`` ``options`` given."""
     from sftkey_plugin.config import SFTKeyArguments
     from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
 
     tokenizer = template_tokenizer(name, family.template)
-    marking = MarkingOptions.from_arguments(SFTKeyArguments(sftkey=True, sftkey_turns=turns))
+    marking = MarkingOptions.from_arguments(SFTKeyArguments(sftkey=True, **options))
     return [
         tokenize_with_key_mask(case.record, tokenizer, marking, assistant_only_loss=family.assistant_masks)
         for case in cases
@@ -204,9 +205,17 @@ def _on_trained(mask: list[int], labels: list[int]) -> list[int]:
     return [int(m and label != IGNORE_INDEX) for m, label in zip(mask, labels)]
 
 
-def _expected(tokenizer, case: Case, ids: list[int], labels: list[int], keys: list[str] | None = None) -> list[int]:
+def _expected(
+    tokenizer,
+    case: Case,
+    ids: list[int],
+    labels: list[int],
+    keys: list[str] | None = None,
+    edge_tokens: str = "include",
+) -> list[int]:
     """The reference key mask on the trained tokens; it must hold some."""
-    reference = reference_key_mask(tokenizer, ids, case.keys if keys is None else keys, _rendered_text(tokenizer, case))
+    text = _rendered_text(tokenizer, case)
+    reference = reference_key_mask(tokenizer, ids, case.keys if keys is None else keys, text, edge_tokens)
     expected = _on_trained(reference, labels)
     assert 1 in expected, f"{case.name}: the reference found no trained key token"
     return expected
@@ -245,21 +254,27 @@ def test_trl_plain_forms_mark_exactly_the_answers(name, form):
     _assert_conforms(name, None, form)
 
 
+# (form, sftkey_* options, which keys): options that change what is key, checked on the stock rows of each cell
+OPTION_VARIANTS = {
+    "turns_last": (("multi_turn", "multi_turn_reasoning"), {"sftkey_turns": "last"}, slice(-1, None)),
+    "edge_exclude": (("messages", "multi_turn"), {"sftkey_edge_tokens": "exclude"}, slice(None)),
+}
+
+
+@pytest.mark.parametrize("variant", list(OPTION_VARIANTS))
 @pytest.mark.parametrize(("name", "template"), TRL_CELLS)
-def test_trl_turns_last_keys_only_the_last_answer(name, template):
-    """``sftkey_turns: last`` on the two-turn records: only the second answer (and its end of turn) is key."""
+def test_trl_marking_options(name, template, variant):
+    """``sftkey_turns: last`` keys only the second answer of two; ``sftkey_edge_tokens: exclude`` only the tokens
+    wholly inside each answer (and the EOS after it)."""
     _require(name)
-    family = FAMILIES[template]
-    rows = [
-        (case, stock)
-        for form in ("multi_turn", "multi_turn_reasoning")
-        for case, stock, *_ in _trl_cell(name, template)[form]
-    ]
-    marked = _marked_rows(name, family, [case for case, _ in rows], turns="last")
+    forms, options, keys = OPTION_VARIANTS[variant]
+    rows = [(case, stock) for form in forms for case, stock, *_ in _trl_cell(name, template)[form]]
+    marked = _marked_rows(name, FAMILIES[template], [case for case, _ in rows], **options)
     tokenizer = template_tokenizer(name, template)
+    edge_tokens = options.get("sftkey_edge_tokens", "include")
     for (case, stock), row in zip(rows, marked, strict=True):
         ids, labels = stock["input_ids"], stock["labels"]
-        expected = _expected(tokenizer, case, ids, labels, keys=case.keys[-1:])
+        expected = _expected(tokenizer, case, ids, labels, case.keys[keys], edge_tokens)
         _assert_mask(tokenizer, case, ids, _on_trained(row["sftkey_mask"], labels), expected)
 
 
