@@ -173,6 +173,11 @@ _FORM_NAMES = {
 }
 
 
+def _conversation(example: Mapping[str, Any], form: str) -> list[Mapping[str, Any]]:
+    """The messages of a ``messages`` or ``chat_prompt_completion`` record, prompt and completion together."""
+    return list(example["messages"]) if form == "messages" else [*example["prompt"], *example["completion"]]
+
+
 def describe_data_form(example: Mapping[str, Any], marking: MarkingOptions, text_field: str = "text") -> str:
     """The form of a record in words, for messages about the data (e.g. "messages, multi-turn, reasoning in
     reasoning_content")."""
@@ -184,8 +189,7 @@ def describe_data_form(example: Mapping[str, Any], marking: MarkingOptions, text
         return f"plain text in '{text_field}'"
     if form == "prompt_completion":
         return _FORM_NAMES[form]
-    messages = example["messages"] if form == "messages" else [*example["prompt"], *example["completion"]]
-    answers = [m for m in messages if m.get("role") == "assistant"]
+    answers = [m for m in _conversation(example, form) if m.get("role") == "assistant"]
     words = [_FORM_NAMES[form]] + (["multi-turn"] if len(answers) > 1 else [])
     words += [f"reasoning in {name}" for name in dict.fromkeys(filter(None, map(marking.reasoning_of, answers)))]
     return ", ".join(words)
@@ -209,7 +213,7 @@ def reasoning_dropped(
     form = _record_form(example, "text")
     if form not in ("messages", "chat_prompt_completion"):
         return None
-    conversation = example["messages"] if form == "messages" else [*example["prompt"], *example["completion"]]
+    conversation = _conversation(example, form)
     answers = [m for m in conversation if m.get("role") == "assistant" and marking.has_reasoning(m)]
     if not answers:
         return None
@@ -346,18 +350,17 @@ def tokenize_with_key_mask(
     form = _record_form(example, text_field)
     conversation: list[Mapping[str, Any]] | None = None
     prompt_text: str | None = None
-    if form == "messages":
-        conversation = example["messages"]
-        indices = _answer_turns(conversation, 0, marking.turns)
-    elif form == "chat_prompt_completion":
-        conversation = example["prompt"] + example["completion"]
-        indices = _answer_turns(conversation, len(example["prompt"]), marking.turns)
+    if form in ("messages", "chat_prompt_completion"):
+        conversation = _conversation(example, form)
+        first = len(example["prompt"]) if form == "chat_prompt_completion" else 0  # prompt messages are not trained
+        indices = _answer_turns(conversation, first, marking.turns)
+    if form == "chat_prompt_completion":
         prompt_text = tokenizer.apply_chat_template(
             example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
         )
     elif form == "prompt_completion":
         prompt_text, completion = example["prompt"], example["completion"]
-    else:
+    elif form == "text":
         completion = example[text_field]
 
     if conversation is not None:
