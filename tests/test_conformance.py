@@ -289,9 +289,9 @@ def _require_axolotl() -> None:
 
 
 @functools.cache
-def _tokenizer_folder(name: str) -> str:
+def _tokenizer_folder(name: str, root: str) -> str:
     """Tokenizer ``name`` with every family's special tokens, saved once a session for Axolotl to load."""
-    folder = _OUT / f"tokenizer-{name}"
+    folder = Path(root) / f"tokenizer-{name}"
     template_tokenizer(name, NATIVE_FAMILY[name]).save_pretrained(folder)
     return str(folder)
 
@@ -307,8 +307,9 @@ def _axolotl_template(template: str) -> dict[str, str]:
 
 
 @functools.cache
-def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tuple[Case, dict, dict]]]:
-    """Per form: each case with Axolotl's stock ``chat_template`` row and its row prepared with SFTKey on."""
+def _axolotl_cell(name: str, template: str, tiny_dir: str, session: str) -> dict[str, list[tuple[Case, dict, dict]]]:
+    """Per form: each case with Axolotl's stock ``chat_template`` row and its row prepared with SFTKey on (in a
+    folder of this session: a prepared dataset cached by an earlier run would hide a change of the plugin)."""
     import copy
     import json
 
@@ -322,13 +323,13 @@ def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tup
     family = FAMILIES[template]
     forms = {form: make(family) for form, make in AXOLOTL_FORMS.items()}
     cases = [case for form_cases in forms.values() for case in form_cases]
-    root = _OUT / f"axolotl-{name}-{template}"
+    root = Path(session) / f"axolotl-{name}-{template}"
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(case.record, ensure_ascii=False) + "\n" for case in cases), encoding="utf-8")
     config = _base_config(tiny_dir, str(data), str(root / "prepared"), str(root / "out"))
     config.update(
-        tokenizer_config=_tokenizer_folder(name),
+        tokenizer_config=_tokenizer_folder(name, session),
         **_axolotl_template(template),
         special_tokens={"eos_token": family.eos, **({"bos_token": family.bos} if family.bos else {})},
         sequence_len=4096,
@@ -347,6 +348,11 @@ def _axolotl_cell(name: str, template: str, tiny_dir: str) -> dict[str, list[tup
     return {form: [next(rows) for _ in form_cases] for form, form_cases in forms.items()}
 
 
+@pytest.fixture(scope="session")
+def axolotl_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("conformance-axolotl")
+
+
 # Axolotl passes a message only the fields its template reads as ``message.<field>``: with a template that does not
 # render reasoning (all but Qwen3/3.5) the strategy never sees ``reasoning_content``, so ``auto`` marks the answer
 # phrase ("The answer is 42", no stop, no end of turn) where the TRL side marks the whole content and its EOS.
@@ -360,12 +366,12 @@ AXOLOTL_DROPS_REASONING = pytest.mark.xfail(
 @pytest.mark.axolotl
 @pytest.mark.parametrize("form", list(AXOLOTL_FORMS))
 @pytest.mark.parametrize(("name", "template"), AXOLOTL_CELLS)
-def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir, request):
+def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir, axolotl_dir, request):
     _require_axolotl()
     _require(name)
     if "reasoning" in form and not FAMILIES[template].thinks:
         request.applymarker(AXOLOTL_DROPS_REASONING)
-    cell = _axolotl_cell(name, template, tiny_dir)
+    cell = _axolotl_cell(name, template, tiny_dir, str(axolotl_dir))
     tokenizer = template_tokenizer(name, template)
     for case, stock, prepared in cell[form]:
         ids, labels = stock["input_ids"], stock["labels"]
