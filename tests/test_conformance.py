@@ -353,24 +353,12 @@ def axolotl_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("conformance-axolotl")
 
 
-# Axolotl passes a message only the fields its template reads as ``message.<field>``: with a template that does not
-# render reasoning (all but Qwen3/3.5) the strategy never sees ``reasoning_content``, so ``auto`` marks the answer
-# phrase ("The answer is 42", no stop, no end of turn) where the TRL side marks the whole content and its EOS.
-AXOLOTL_DROPS_REASONING = pytest.mark.xfail(
-    strict=True,
-    reason="open bug (issue 11 item 1, Axolotl side): the strategy reads reasoning_content from Axolotl's turns, "
-    "which drop fields the template does not read; it should read the record's messages",
-)
-
-
 @pytest.mark.axolotl
 @pytest.mark.parametrize("form", list(AXOLOTL_FORMS))
 @pytest.mark.parametrize(("name", "template"), AXOLOTL_CELLS)
-def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir, axolotl_dir, request):
+def test_axolotl_marks_exactly_the_answers(name, template, form, tiny_dir, axolotl_dir):
     _require_axolotl()
     _require(name)
-    if "reasoning" in form and not FAMILIES[template].thinks:
-        request.applymarker(AXOLOTL_DROPS_REASONING)
     cell = _axolotl_cell(name, template, tiny_dir, str(axolotl_dir))
     tokenizer = template_tokenizer(name, template)
     for case, stock, prepared in cell[form]:

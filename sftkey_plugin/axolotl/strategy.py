@@ -95,10 +95,26 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
                 return turn["content"]
         return ""
 
+    def _with_unread_reasoning(self, prompt: dict, turns: list[dict]) -> list[dict]:
+        """Axolotl's turns (split_thinking and field_thinking applied), with the reasoning fields back that it drops
+        when its template does not read them: a message's separate reasoning still makes its content the answer,
+        as on the TRL side, whether the template renders the reasoning or not."""
+        messages = self._get_messages(prompt)
+        offset = len(turns) - len(messages)  # 1 when Axolotl put a system turn from field_system first
+        if offset not in (0, 1):
+            return turns
+        restored = list(turns)
+        for index, message in enumerate(messages):
+            field = self.marking.reasoning_of(message) if self.marking is not None else None
+            turn = restored[index + offset]
+            if field is not None and not self.marking.has_reasoning(turn):  # type: ignore[union-attr]
+                restored[index + offset] = {**turn, field: message[field]}
+        return restored
+
     def key_mask(self, prompt: dict, input_ids: list[int], labels: list[int]) -> dict[str, Any]:
         """The ``TurnsMarked`` columns on Axolotl's tokens: key mask 0 where ``labels`` is ignored."""
         assert self.marking is not None
-        turns = self.get_conversation_thread(prompt)  # split_thinking and field_thinking applied
+        turns = self._with_unread_reasoning(prompt, self.get_conversation_thread(prompt))
         example = {
             **prompt,
             "messages": turns,
