@@ -42,7 +42,7 @@ class SFTKeyCallback(TrainerCallback):
         self.overrides = (stage2_steps, stage2_ratio, stage2_epoch)
         self.schedule: StageSchedule | None = None
         self.data_stats: list[KeyDataStats] = []
-        self._announced = False
+        self._step_stage: int | None = None  # the stage of the optimizer step in progress
 
     def _stage2_start(self) -> tuple[int | None, float, float | None]:
         """``(steps, ratio, epoch)`` of the stage-2 start: the callback's own if any was given, else the config's."""
@@ -96,14 +96,17 @@ class SFTKeyCallback(TrainerCallback):
                     )
         return control
 
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._step_stage = self.stage(state)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        two_stage = self.schedule is not None and self.schedule.mode == "two_stage"
-        switched = two_stage and self.stage(state) == STAGE_KEY_ONLY
-        if switched and not self._announced and state.global_step < state.max_steps and state.is_world_process_zero:
+        # announced when a stage-1 step is followed by a stage-2 one (not after resuming inside stage 2)
+        switching = self._step_stage != STAGE_KEY_ONLY and self.stage(state) == STAGE_KEY_ONLY
+        if switching and state.global_step < state.max_steps and state.is_world_process_zero:
             logger.info(
                 "SFTKey: stage %d (key answer tokens only) from optimizer step %d.",
                 STAGE_KEY_ONLY,
                 state.global_step + 1,
             )
-        self._announced = self._announced or switched
         return control

@@ -7,6 +7,7 @@ section are printed by these tests (run with ``-s`` to see them).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -182,7 +183,9 @@ def kill_when_ready(command: list[str], env: dict[str, str], log_path: Path, rea
         return process.wait(timeout=60)
 
 
-def test_killed_mid_stage_two_resumes_to_the_same_weights(tiny_dir: str, tmp_path: Path) -> None:
+def test_killed_mid_stage_two_resumes_to_the_same_weights(
+    tiny_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A run killed during step 5 (stage 2 began at step 3) resumes from checkpoint-4 and ends as if never stopped."""
     out, ready = tmp_path / "run", tmp_path / "ready"
     command = [sys.executable, str(WORKER), "interrupt", tiny_dir, str(out), str(ready)]
@@ -194,10 +197,16 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(tiny_dir: str, tmp_pat
     assert saved["global_step"] == INTERRUPT_AT
     assert [h["sftkey/stage"] for h in saved["log_history"] if "loss" in h] == [1, 1, 2, 2]
 
+    switch = "SFTKey: stage 2 (key answer tokens only) from optimizer step 3."
     full = trainer_for(tiny_dir, interrupt_records(), tmp_path / "full", **INTERRUPT_ARGS)
-    full.train()
+    with caplog.at_level(logging.INFO, logger="sftkey_plugin"):
+        full.train()
+    assert caplog.text.count("SFTKey: stage 2") == 1 and switch in caplog.text
+    caplog.clear()
     resumed = trainer_for(tiny_dir, interrupt_records(), out, **INTERRUPT_ARGS)
-    resumed.train(resume_from_checkpoint=True)  # the latest checkpoint in the output folder
+    with caplog.at_level(logging.INFO, logger="sftkey_plugin"):
+        resumed.train(resume_from_checkpoint=True)  # the latest checkpoint in the output folder
+    assert "SFTKey: stage 2" not in caplog.text  # resumed inside stage 2: no switch to announce
 
     assert resumed.state.global_step == full.state.global_step == INTERRUPT_STEPS
     assert resumed.sftkey_callback.schedule == full.sftkey_callback.schedule
