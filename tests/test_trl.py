@@ -296,7 +296,9 @@ def test_packing_layouts_carry_the_mask_and_train_as_stock(tiny_dir, tmp_path, l
     common = dict(per_device_train_batch_size=2, **layout, **PER_TOKEN)
     stock = trainer_for(tiny_dir, records, tmp_path / "stock", trl.SFTTrainer, **common)
     key = trainer_for(tiny_dir, records, tmp_path / "key", sftkey=True, sftkey_mode="weighted", **common)
-    unpacked = trainer_for(tiny_dir, records, tmp_path / "plain", sftkey=True, sftkey_mode="weighted", max_length=None)
+    unpacked = trainer_for(
+        tiny_dir, records, tmp_path / "plain", sftkey=True, sftkey_mode="weighted", max_length=None, **PER_TOKEN
+    )
     for column in {"input_ids", "labels", "seq_lengths"} & set(stock.train_dataset.column_names):
         assert key.train_dataset[column] == stock.train_dataset[column], column
 
