@@ -71,9 +71,14 @@ class KeyDataStats:
         return stats
 
     @property
+    def complete(self) -> int:
+        """The examples that keep a complete key span (found, not cut by truncation)."""
+        return self.found - self.cut
+
+    @property
     def complete_share(self) -> float:
-        """The share of examples that keep a complete key span (found, not cut by truncation)."""
-        return (self.found - self.cut) / self.examples if self.examples else 0.0
+        """The share of examples that keep a complete key span."""
+        return self.complete / self.examples if self.examples else 0.0
 
     def summary_line(self) -> str:
         """One line for the training log."""
@@ -127,11 +132,10 @@ def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: 
     if arguments.sftkey_finder == "auto":
         answer_only = ", ".join(finder_chain("auto", options, answer_only=True))
         tried[-1] += f"; for assistant messages with separate reasoning: {answer_only}"
-    complete = stats.found - stats.cut
     lines = [
-        f"SFTKey will not train: {complete} of {stats.examples} {stats.name} examples ({stats.complete_share:.1%}) "
-        f"keep a key span, below sftkey_min_found={arguments.sftkey_min_found}; sftkey_mode={arguments.sftkey_mode} "
-        f"needs key tokens ({_WITHOUT_KEYS[arguments.sftkey_mode]}).",
+        f"SFTKey will not train: {stats.complete} of {stats.examples} {stats.name} examples "
+        f"({stats.complete_share:.1%}) keep a key span, below sftkey_min_found={arguments.sftkey_min_found}; "
+        f"sftkey_mode={arguments.sftkey_mode} needs key tokens ({_WITHOUT_KEYS[arguments.sftkey_mode]}).",
         f"Data form: {data_form}. Finders tried: {', '.join(tried)}.",
         f"{stats.missing} examples have no key span"
         + (f" ({stats.not_located} whose answer the chat template altered)" if stats.not_located else "")

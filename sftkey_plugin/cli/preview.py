@@ -204,12 +204,11 @@ def summarise(rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[
         [(r["turns"], r["turns_found"]) for r in rows],
     )
     stats.emptied = sum(r["emptied"] for r in rows)
-    complete = stats.found - stats.cut
     return {
         **stats.as_dict(),
-        "complete": complete,
+        "complete": stats.complete,
         "found_share": stats.found / stats.examples if stats.examples else 0.0,
-        "complete_share": complete / stats.examples if stats.examples else 0.0,
+        "complete_share": stats.complete_share,
         "errors": len(errors),
         "by_finder": _by_finder(rows),
     }
