@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from ..config import EDGE_TOKENS, TURNS
 from ..finders import validate_finder_options
 from ..masking import truncation_slice
 from ..stats import CUT, FOUND, MISSING, KeyDataStats, key_status
@@ -54,7 +55,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--edge-tokens",
         default="include",
-        choices=["include", "exclude"],
+        choices=list(EDGE_TOKENS),
         help="tokens straddling a span edge count as key (include) or not",
     )
     parser.add_argument(
@@ -66,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--turns",
         default="all",
-        choices=["all", "last"],
+        choices=list(TURNS),
         help="multi-turn data: key span in every assistant turn (all, default) or only the last, as sftkey_turns",
     )
     parser.add_argument(
