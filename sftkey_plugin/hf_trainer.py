@@ -24,7 +24,7 @@ from .config import SFTKeyArguments
 from .loss import (
     IGNORE_INDEX,
     excess_weights,
-    is_top1_from_logits,
+    is_top1_where,
     key_metric_sums,
     mask_labels_to_key,
     metrics_from_sums,
@@ -36,10 +36,12 @@ from .loss import (
 from .schedule import STAGE_KEY_ONLY
 
 
-def per_token_values(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def per_token_values(
+    outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(nll, is_top1)`` aligned with ``labels[:, 1:]`` from a forward's outputs, or None when the loss path keeps
     no per-token values (a chunked or fused loss that returns only the total). From full logits the NLL is
-    recomputed without a graph: it only feeds the metrics."""
+    recomputed without a graph, and ``is_top1`` only for the trained key tokens: they only feed the metrics."""
     log_probs = getattr(outputs, "log_probs", None)
     if log_probs is not None:  # TRL >= 1.10's fused LM head
         return -log_probs.detach(), getattr(outputs, "is_top1", None)
@@ -47,7 +49,8 @@ def per_token_values(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, 
     if logits is None or logits.dim() != 3 or logits.size(1) != labels.size(1):
         return None
     with torch.no_grad():
-        return per_token_nll(logits, labels), is_top1_from_logits(logits, labels)
+        trained_key = (shifted(key_mask).to(labels.device) != 0) & (labels[..., 1:] != IGNORE_INDEX)
+        return per_token_nll(logits, labels), is_top1_where(logits, labels, trained_key)
 
 
 class SFTKeyLossMixin:
@@ -173,7 +176,7 @@ class SFTKeyLossMixin:
             correction = self._sftkey_correction(outputs, inputs["labels"], key_mask)
             loss = loss + correction * self._sftkey_loss_scale(inputs["labels"], num_items_in_batch)
         self._sftkey_record(
-            per_token_values(outputs, inputs["labels"]), inputs["labels"], completion_labels, key_mask, stage
+            per_token_values(outputs, inputs["labels"], key_mask), inputs["labels"], completion_labels, key_mask, stage
         )
         return (loss, result[1]) if return_outputs else loss
 

@@ -60,10 +60,20 @@ def _chunked_nll(flat_logits: torch.Tensor, flat_labels: torch.Tensor, chunk_ele
 
 
 def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 1 << 25) -> torch.Tensor:
-    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored."""
-    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return _chunked_nll(flat_logits, flat_labels, chunk_elements).view(labels.size(0), -1)
+    """Next-token NLL of each label (``labels[:, 1:]``), zero where ignored. The labels are shifted, not the logits:
+    slicing ``logits[:, :-1]`` would copy the whole ``(B, S, V)`` tensor, which cost more than the NLL itself."""
+    next_labels = torch.nn.functional.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+    nll = _chunked_nll(logits.reshape(-1, logits.size(-1)), next_labels.reshape(-1), chunk_elements)
+    return nll.view(labels.size(0), -1)[:, :-1]
+
+
+def _selected_rows(
+    logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The logit rows predicting the labels where ``selected`` (aligned with ``labels[:, 1:]``), those labels, and
+    the positions. Indexing, not reshaping ``logits[:, :-1]``, so only the selected rows are copied."""
+    batch, position = selected.to(logits.device).nonzero(as_tuple=True)
+    return logits[batch, position], labels.to(logits.device)[batch, position + 1], (batch, position)
 
 
 def selected_token_nll(
@@ -74,14 +84,18 @@ def selected_token_nll(
     Only those rows of the logits are gathered and upcast, so a graph through it keeps ``selected.sum()`` rows of
     float32 log-probabilities, not the whole ``(B, S, V)``.
     """
-    batch, position = selected.to(logits.device).nonzero(as_tuple=True)
-    # indexing (not reshaping logits[:, :-1], which copies the whole tensor) gathers just the selected rows
-    return _chunked_nll(logits[batch, position], labels.to(logits.device)[batch, position + 1], chunk_elements)
+    rows, targets, _ = _selected_rows(logits, labels, selected)
+    return _chunked_nll(rows, targets, chunk_elements)
 
 
-def is_top1_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Whether each next-token label is the model's most likely token."""
-    return logits[:, :-1].argmax(dim=-1) == labels[:, 1:].to(logits.device)
+def is_top1_where(logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Whether each next-token label is the model's most likely token, decided only where ``selected`` (False
+    elsewhere): the metrics need it for the key tokens alone, and an argmax over every row of a large vocabulary
+    cost more than the NLL."""
+    rows, targets, positions = _selected_rows(logits, labels, selected)
+    top1 = torch.zeros(selected.shape, dtype=torch.bool, device=logits.device)
+    top1[positions] = rows.argmax(dim=-1) == targets
+    return top1
 
 
 def key_metric_sums(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sftkey_plugin.loss import excess_weights, per_token_nll, selected_token_nll, weight_sum
+from sftkey_plugin.loss import excess_weights, is_top1_where, per_token_nll, selected_token_nll, weight_sum
 
 
 def saved_bytes(function, *args) -> int:
@@ -46,6 +46,30 @@ def test_selected_token_nll_equals_the_full_computation_there():
     selected = torch.rand(2, 8) > 0.5
     selected[1, 3] = False  # label 4 is ignored
     assert torch.allclose(selected_token_nll(logits, labels, selected), per_token_nll(logits, labels)[selected])
+
+
+def test_per_token_nll_is_the_next_token_cross_entropy():
+    """Shifting the labels instead of the logits (no copy of the logits) gives the textbook shifted cross-entropy."""
+    logits = torch.randn(3, 7, 13)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[0, :3] = labels[2, 5] = -100
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+    ).view(3, 6)
+    assert torch.equal(per_token_nll(logits, labels), reference)
+    assert torch.equal(per_token_nll(logits, labels, chunk_elements=13 * 4), reference)  # several chunks
+
+
+def test_is_top1_where_decides_the_selected_tokens_only():
+    logits = torch.randn(2, 6, 5)
+    labels = torch.randint(0, 5, (2, 6))
+    labels[0, 2] = int(logits[0, 1].argmax())  # one certain hit, one certain miss
+    labels[1, 4] = int(logits[1, 3].argmin())
+    selected = torch.rand(2, 5) > 0.4
+    selected[0, 1] = selected[1, 3] = True
+    top1 = is_top1_where(logits, labels, selected)
+    assert torch.equal(top1, (logits[:, :-1].argmax(-1) == labels[:, 1:]) & selected)
+    assert top1[0, 1] and not top1[1, 3]
 
 
 @pytest.mark.parametrize(("key_weight", "other_weight"), [(3.0, 0.5), (1.0, 1.0), (2.0, 0.0)])
