@@ -1,10 +1,16 @@
 """Training overhead of the SFTKey Axolotl plugin: ``axolotl train`` with and without it, as ratios.
 
-Each arm is a real ``python -m axolotl.cli.train`` process on the same tiny model, data, batch and seed. The step
-time is ``(runtime(long) - runtime(short)) / (long - short steps)`` from Axolotl's own ``train_runtime``, so start-up
-and the first steps cancel out; peak memory is the process's peak resident set. Arms are interleaved over rounds.
+Each arm is a real ``python -m axolotl.cli.train`` process on the same tiny model, data, batch and seed. A step's
+time is the wall time between two ``on_step_end`` events of the trainer (a whole optimizer step: data, forward,
+backward, optimizer, callbacks); each run reports the median over its steps after ``--warmup``, so start-up and its
+jitter do not enter. Peak memory is the process's peak resident set. Arms are interleaved over rounds, and each arm's
+figure is the median over rounds.
 
-    python benchmarks/overhead_axolotl.py [--rounds 3] [--short 4] [--long 16] [--json out.json]
+    python benchmarks/overhead_axolotl.py [--rounds 5] [--steps 40] [--warmup 5] [--json out.json]
+    python benchmarks/overhead_axolotl.py --before /tmp/old-checkout   # also each SFTKey arm on an older plugin
+
+Between processes the same arm's step time varies by up to 10-20% on a small shared CPU machine; the per-round
+spread is printed with each arm, and the ratios mean something only where they exceed it.
 """
 
 from __future__ import annotations
@@ -27,11 +33,21 @@ ARMS: dict[str, dict[str, Any]] = {
     "two_stage/stage2": {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 0},
     "weighted": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0},
 }
-# Runs the training module and reports the peak resident set on exit (Axolotl's CLI ends through sys.exit)
+# Runs the training module with a timestamp at the end of every optimizer step, and reports the median step time
+# after the warm-up and the peak resident set on exit (Axolotl's CLI ends through sys.exit)
 RUNNER = (
-    "import atexit, resource, runpy, sys\n"
-    "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "atexit.register(lambda: print('PEAK_RSS_KIB', peak(), file=sys.stderr))\n"
+    "import atexit, resource, runpy, statistics, sys, time\n"
+    "import transformers.trainer_callback as tc\n"
+    "stamps, original, warmup = [], tc.CallbackHandler.on_step_end, int(sys.argv[2])\n"
+    "def on_step_end(self, *args, **kwargs):\n"
+    "    stamps.append(time.perf_counter())\n"
+    "    return original(self, *args, **kwargs)\n"
+    "tc.CallbackHandler.on_step_end = on_step_end\n"
+    "def report():\n"
+    "    steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]\n"
+    "    print('STEP_S', statistics.median(steps), file=sys.stderr)\n"
+    "    print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "atexit.register(report)\n"
     "sys.argv = ['axolotl.cli.train', sys.argv[1]]\n"
     "runpy.run_module('axolotl.cli.train', run_name='__main__')\n"
 )
@@ -51,32 +67,40 @@ def base_config(work: Path, data: Path, steps: int, packing: bool) -> dict[str, 
     }  # fmt: skip
 
 
-def run(work: Path, data: Path, arm: str, steps: int, packing: bool) -> tuple[float, float]:
-    """One ``axolotl train``: (train_runtime seconds, peak RSS MiB)."""
-    config = base_config(work, data, steps, packing)
-    if arm != "stock":
-        config.update({"plugins": ["sftkey_plugin.axolotl.SFTKeyPlugin"], "sftkey": True, **ARMS[arm]})
-    path = work / f"{arm.replace('/', '_')}_{steps}.yml"
+BEFORE = " @before"
+
+
+def run(work: Path, data: Path, arm: str, options: argparse.Namespace) -> tuple[float, float]:
+    """One ``axolotl train``: (median step seconds after the warm-up, peak RSS MiB). An arm ending in BEFORE runs
+    the plugin from ``options.before`` (a checkout of an older version)."""
+    config = base_config(work, data, options.steps, options.packing)
+    name = arm.removesuffix(BEFORE)
+    if name != "stock":
+        config.update({"plugins": ["sftkey_plugin.axolotl.SFTKeyPlugin"], "sftkey": True, **ARMS[name]})
+    path = work / f"{arm.replace('/', '_').replace(' ', '')}.yml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_DISABLED": "true"}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(path)], capture_output=True, text=True, env=env,
-                            cwd=work, check=False)  # fmt: skip
+    if arm.endswith(BEFORE):
+        env["PYTHONPATH"] = options.before
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(path), str(options.warmup)], capture_output=True,
+                            text=True, env=env, cwd=work, check=False)  # fmt: skip
     output = result.stdout + result.stderr
     if result.returncode != 0:
-        raise RuntimeError(f"{arm} ({steps} steps) failed:\n{output[-3000:]}")
-    runtime = next(float(line.split("'train_runtime': ")[1].split(",")[0].strip("'"))
-                   for line in output.splitlines() if "'train_runtime'" in line)  # fmt: skip
-    peak = next(int(line.split()[1]) for line in output.splitlines() if line.startswith("PEAK_RSS_KIB")) / 1024
-    return runtime, peak
+        raise RuntimeError(f"{arm} failed:\n{output[-3000:]}")
+    lines = output.splitlines()
+    step = next(float(line.split()[1]) for line in lines if line.startswith("STEP_S"))
+    peak = next(int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KIB")) / 1024
+    return step, peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--short", type=int, default=4)
-    parser.add_argument("--long", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--before", help="a checkout of an older plugin: its SFTKey arms run too, interleaved")
     parser.add_argument("--json")
     options = parser.parse_args()
 
@@ -90,25 +114,24 @@ def main() -> None:
     records = arithmetic_records(2048, seed=0, form="messages", terms=12)
     data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
 
-    arms = list(ARMS)
+    arms = list(ARMS) + ([arm + BEFORE for arm in ARMS if arm != "stock"] if options.before else [])
     results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for round_index in range(options.rounds):
         for arm in arms[round_index % len(arms) :] + arms[: round_index % len(arms)]:
-            short, _ = run(work, data, arm, options.short, options.packing)
-            long, peak = run(work, data, arm, options.long, options.packing)
-            step = (long - short) / (options.long - options.short)
+            step, peak = run(work, data, arm, options)
             results[arm].append({"step_s": step, "peak_mib": peak})
-            print(f"round {round_index + 1} {arm:<17} step {1000 * step:.1f} ms, peak {peak:.0f} MiB", flush=True)
+            print(f"round {round_index + 1} {arm:<25} step {1000 * step:.1f} ms, peak {peak:.0f} MiB", flush=True)
     base_step = statistics.median(r["step_s"] for r in results["stock"])
     base_mem = statistics.median(r["peak_mib"] for r in results["stock"])
     rows = []
-    print(f"\n{'arm':<18}{'step ms':>9}{'time x':>8}{'peak MiB':>10}{'mem x':>7}")
+    print(f"\n{'arm':<26}{'step ms':>9}{'rounds ms':>14}{'time x':>8}{'peak MiB':>10}{'mem x':>7}")
     for arm in arms:
-        step = statistics.median(r["step_s"] for r in results[arm])
+        steps = [1000 * r["step_s"] for r in results[arm]]
+        step, spread = statistics.median(steps) / 1000, f"{min(steps):.1f}-{max(steps):.1f}"
         mem = statistics.median(r["peak_mib"] for r in results[arm])
         rows.append({"arm": arm, "step_ms": 1000 * step, "time_ratio": step / base_step, "peak_mib": mem,
                      "memory_ratio": mem / base_mem})  # fmt: skip
-        print(f"{arm:<18}{1000 * step:>9.1f}{step / base_step:>8.3f}{mem:>10.0f}{mem / base_mem:>7.3f}")
+        print(f"{arm:<26}{1000 * step:>9.1f}{spread:>14}{step / base_step:>8.3f}{mem:>10.0f}{mem / base_mem:>7.3f}")
     if options.json:
         Path(options.json).write_text(json.dumps({"settings": vars(options), "rows": rows, "runs": results}, indent=2))
 
