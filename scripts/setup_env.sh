@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 name=${1:?usage: setup_env.sh trl|axolotl}
 venv=.venvs/$name
 case $name in
-  trl) extras="trl,dev,conformance" ;;
+  trl) extras="trl,dev,conformance,plot" ;;  # plot: the README's first command draws the demo's comparison
   axolotl) extras="axolotl,dev,conformance" ;;
   *) echo "unknown environment: $name (trl or axolotl)" >&2; exit 2 ;;
 esac

@@ -6,21 +6,21 @@ import logging
 
 from transformers import TrainerCallback, TrainerState
 
-from .config import SFTKeyArguments
-from .schedule import STAGE_KEY_ONLY, StageSchedule, stage2_start_step
+from .config import SFTKeyArguments, mode_weights, parse_phases
+from .schedule import STAGE_KEY_ONLY, Phase, PhasePoint, PhaseSchedule, describe, stage2_start_step, unreached_phases
 from .stats import KeyDataStats
 
 logger = logging.getLogger("sftkey_plugin")
 
 
 class SFTKeyCallback(TrainerCallback):
-    """Decides which stage each optimizer step is in, from the trainer state alone (``global_step``, and ``epoch``
-    for an epoch-based switch; so it is exact per step and survives ``resume_from_checkpoint``), and logs the data
-    counts and the stage switch.
+    """Decides the weights (and so the stage) of each optimizer step from the trainer state alone (``global_step``,
+    and ``epoch`` for epoch starts; so they are exact per step and survive ``resume_from_checkpoint``), and logs the
+    data counts, the schedule and the stage switch.
 
     The SFTKey trainers add one built from their ``sftkey_*`` arguments; pass your own in ``callbacks=[...]`` to
-    override the stage-2 start without touching the config. Only the arguments given override: with none, the
-    config's ``sftkey_stage2_*`` values apply.
+    override the ``two_stage`` stage-2 start without touching the config. Only the arguments given override: with
+    none, the config's ``sftkey_stage2_*`` values apply.
 
     Args:
         arguments (`SFTKeyArguments`, *optional*): the SFTKey options; the trainer sets its own.
@@ -40,7 +40,7 @@ class SFTKeyCallback(TrainerCallback):
         self.arguments = arguments or SFTKeyArguments(sftkey=True)
         # Only what is given here overrides the config: the trainer replaces ``arguments`` with its own later
         self.overrides = (stage2_steps, stage2_ratio, stage2_epoch)
-        self.schedule: StageSchedule | None = None
+        self.schedule: PhaseSchedule | None = None
         self.data_stats: list[KeyDataStats] = []
         self._step_stage: int | None = None  # the stage of the optimizer step in progress
 
@@ -52,48 +52,53 @@ class SFTKeyCallback(TrainerCallback):
             return arguments.sftkey_stage2_steps, arguments.sftkey_stage2_ratio, arguments.sftkey_stage2_epoch
         return steps, arguments.sftkey_stage2_ratio if ratio is None else ratio, epoch
 
-    def resolve(self, max_steps: int, num_train_epochs: float) -> StageSchedule:
-        """Fix the stage-2 start once the run length is known."""
-        steps, ratio, epoch = self._stage2_start()
-        epoch = None if steps is not None else epoch  # steps take precedence, as in the config
-        start = stage2_start_step(
-            max_steps=max_steps, num_train_epochs=num_train_epochs, ratio=ratio, steps=steps, epoch=epoch
-        )
-        self.schedule = StageSchedule(self.arguments.sftkey_mode, start, epoch)
+    def resolve(self, max_steps: int, num_train_epochs: float) -> PhaseSchedule:
+        """Fix the phase starts once the run length is known."""
+        arguments = self.arguments
+        weights = mode_weights(arguments)
+        if arguments.sftkey_mode == "phases":
+            unit = arguments.sftkey_phase_unit
+            starts = [phase["start"] for phase in parse_phases(arguments.sftkey_phases)]
+            if unit == "ratio":
+                starts = [stage2_start_step(max_steps=max_steps, num_train_epochs=1, ratio=s) for s in starts]
+            in_epochs, linear = unit == "epoch", arguments.sftkey_phase_interpolation == "linear"
+        else:
+            steps, ratio, epoch = self._stage2_start()
+            epoch = None if steps is not None else epoch  # steps take precedence, as in the config
+            start = stage2_start_step(
+                max_steps=max_steps, num_train_epochs=num_train_epochs, ratio=ratio, steps=steps, epoch=epoch
+            )
+            starts, in_epochs, linear = [0, start if epoch is None else epoch], epoch is not None, False
+        phases = tuple(Phase(start, *pair) for start, pair in zip(starts, weights))  # two_stage alone has 2 presets
+        self.schedule = PhaseSchedule(phases, in_epochs, linear)
         return self.schedule
+
+    def point(self, state: TrainerState) -> PhasePoint:
+        """The phase and weights of the optimizer step that follows ``state.global_step`` completed steps."""
+        if self.schedule is None:  # before training (e.g. an evaluation first): the weights of the first phase
+            return PhasePoint(1, *mode_weights(self.arguments)[0])
+        return self.schedule.at(state.global_step, state.epoch or 0.0)
 
     def stage(self, state: TrainerState) -> int:
         """The stage of the optimizer step that follows ``state.global_step`` completed steps."""
-        if self.schedule is None:  # before training (e.g. an evaluation first): only key_only is in stage 2
-            return StageSchedule(self.arguments.sftkey_mode, 1 << 62).stage(state.global_step)
-        return self.schedule.stage(state.global_step, state.epoch or 0.0)
+        return self.point(state).stage
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         schedule = self.resolve(state.max_steps, state.num_train_epochs)
         if state.is_world_process_zero:
             for stats in self.data_stats:
                 logger.info(stats.summary_line())
-            if schedule.mode == "two_stage" and schedule.stage2_epoch is not None:
-                logger.info(
-                    "SFTKey two_stage: every completion token until epoch %g is done (about %d of %d optimizer steps), "
-                    "then only the key answer tokens.",
-                    schedule.stage2_epoch,
-                    schedule.stage2_start,
-                    state.max_steps,
+            logger.info(
+                "SFTKey %s: %s.",
+                self.arguments.sftkey_mode,
+                describe(schedule, state.max_steps, state.num_train_epochs),
+            )
+            for phase in unreached_phases(schedule, state.max_steps):
+                logger.warning(
+                    "SFTKey: phase %d starts at step %d, after the last step: it never runs.",
+                    phase,
+                    schedule.phases[phase - 1].start + 1,
                 )
-            elif schedule.mode == "two_stage":
-                logger.info(
-                    "SFTKey two_stage: optimizer steps 1-%d train every completion token, steps %d-%d only the key "
-                    "answer tokens.",
-                    min(schedule.stage2_start, state.max_steps),
-                    schedule.stage2_start + 1,
-                    state.max_steps,
-                )
-                if schedule.stage2_start >= state.max_steps:
-                    logger.warning(
-                        "SFTKey: stage 2 starts at step %d, after the last step: it never runs.",
-                        schedule.stage2_start + 1,
-                    )
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("two_stage", "key_only", "weighted")
+MODES = ("two_stage", "key_only", "weighted", "phases")
 ON_MISSING = ("error", "drop", "keep")
 EDGE_TOKENS = ("include", "exclude")
 NORMALIZE = ("tokens", "weights")
 TURNS = ("all", "last")
+PHASE_UNITS = ("ratio", "steps", "epoch")
+PHASE_INTERPOLATIONS = ("step", "linear")
+PHASE_KEYS = ("start", "key_weight", "other_weight")
 
 
 @dataclass
@@ -23,8 +27,9 @@ class SFTKeyArguments:
         default="two_stage",
         metadata={
             "help": "two_stage (the paper: stage 1 plain SFT, stage 2 loss on key tokens only), key_only "
-            "(loss on key tokens only from the start: the paper's Key-Tag ablation) or weighted (one stage, key "
-            "tokens weigh sftkey_key_weight, other completion tokens sftkey_other_weight).",
+            "(loss on key tokens only from the start: the paper's Key-Tag ablation), weighted (one stage, key "
+            "tokens weigh sftkey_key_weight, other completion tokens sftkey_other_weight) or phases (your own "
+            "schedule of weights: sftkey_phases).",
             "choices": list(MODES),
         },
     )
@@ -63,6 +68,31 @@ class SFTKeyArguments:
     sftkey_key_weight: float = field(default=1.0, metadata={"help": "weighted: weight of the key answer tokens."})
     sftkey_other_weight: float = field(
         default=1.0, metadata={"help": "weighted: weight of the other (reasoning) completion tokens."}
+    )
+    sftkey_phases: list[dict] | str | None = field(  # this spelling lets HfArgumentParser take JSON
+        default=None,
+        metadata={
+            "help": "phases: a list of {start, key_weight, other_weight}, the first with start 0; each phase's weights "
+            "hold from its start (in sftkey_phase_unit) to the next phase's. A weight of 0 takes those tokens out of "
+            "the loss, as stage 2 does. E.g. a soft stage 2: [{start: 0, key_weight: 1, other_weight: 1}, {start: "
+            "0.5, key_weight: 1, other_weight: 0.1}]. On the command line, a JSON string."
+        },
+    )
+    sftkey_phase_unit: str = field(
+        default="ratio",
+        metadata={
+            "help": "phases: what start counts. ratio: the fraction of the optimizer steps (as sftkey_stage2_ratio), "
+            "steps: completed optimizer steps (as sftkey_stage2_steps), epoch: epochs done (as sftkey_stage2_epoch).",
+            "choices": list(PHASE_UNITS),
+        },
+    )
+    sftkey_phase_interpolation: str = field(
+        default="step",
+        metadata={
+            "help": "phases: step (each phase's weights hold until the next phase starts) or linear (the weights move "
+            "linearly from one phase's start to the next's, optimizer step by optimizer step).",
+            "choices": list(PHASE_INTERPOLATIONS),
+        },
     )
     sftkey_normalize: str = field(
         default="tokens",
@@ -133,9 +163,72 @@ def sftkey_arguments_from(source: Any) -> SFTKeyArguments:
     return SFTKeyArguments(**values)
 
 
+def mode_weights(args: SFTKeyArguments) -> list[tuple[float, float]]:
+    """The ``(key_weight, other_weight)`` of each phase of the mode, in order."""
+    if args.sftkey_mode == "two_stage":
+        return [(1.0, 1.0), (1.0, 0.0)]
+    if args.sftkey_mode == "key_only":
+        return [(1.0, 0.0)]
+    if args.sftkey_mode == "weighted":
+        return [(args.sftkey_key_weight, args.sftkey_other_weight)]
+    return [(phase["key_weight"], phase["other_weight"]) for phase in parse_phases(args.sftkey_phases)]
+
+
 def needs_key_tokens(args: SFTKeyArguments) -> bool:
     """Whether the mode trains anything differently with key tokens (weighted 1:1 is plain SFT)."""
-    return args.sftkey_mode != "weighted" or args.sftkey_key_weight != args.sftkey_other_weight
+    return any(key != other for key, other in mode_weights(args))
+
+
+def weighs_tokens(args: SFTKeyArguments) -> bool:
+    """Whether some step weighs a trained token other than 1 (a weight of 0 masks the label instead), so the loss
+    path must give per-token losses."""
+    weights = mode_weights(args)
+    if any(w not in (0.0, 1.0) for pair in weights for w in pair):
+        return True
+    linear = args.sftkey_mode == "phases" and args.sftkey_phase_interpolation == "linear"
+    return linear and len(set(weights)) > 1  # the weights between two different phases are fractions
+
+
+def parse_phases(value: list[dict] | str | None) -> list[dict[str, float]]:
+    """``sftkey_phases`` as a list of ``{start, key_weight, other_weight}`` floats (a JSON string is parsed), or a
+    ``ValueError`` saying what to change."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"sftkey_phases is not valid JSON: {error}") from error
+    if not isinstance(value, list) or not value:
+        raise ValueError("sftkey_mode='phases' needs sftkey_phases: a list of {start, key_weight, other_weight}.")
+    phases = []
+    for index, phase in enumerate(value):
+        if not isinstance(phase, dict) or set(phase) != set(PHASE_KEYS):
+            raise ValueError(f"sftkey_phases[{index}] must have exactly the keys {list(PHASE_KEYS)}, not {phase!r}.")
+        if not all(isinstance(phase[k], int | float) and not isinstance(phase[k], bool) for k in PHASE_KEYS):
+            raise ValueError(f"sftkey_phases[{index}]: start and the weights must be numbers, not {phase!r}.")
+        phases.append({k: float(phase[k]) for k in PHASE_KEYS})
+    return phases
+
+
+def _validate_phases(args: SFTKeyArguments) -> None:
+    """Parse ``sftkey_phases`` in place and check the schedule it describes."""
+    phases = args.sftkey_phases = parse_phases(args.sftkey_phases)
+    starts = [phase["start"] for phase in phases]
+    if starts[0] != 0:
+        raise ValueError(f"sftkey_phases[0] must start at 0 (the first step), not {starts[0]:g}.")
+    if any(later <= earlier for earlier, later in itertools.pairwise(starts)):
+        raise ValueError(f"sftkey_phases must start in increasing order, not at {[f'{s:g}' for s in starts]}.")
+    if args.sftkey_phase_unit == "ratio" and starts[-1] > 1:
+        raise ValueError(
+            f"sftkey_phases start at {starts[-1]:g}, past the end of training in sftkey_phase_unit: ratio (0 to 1); "
+            "set sftkey_phase_unit: steps or epoch for counts."
+        )
+    if args.sftkey_phase_unit == "steps" and any(not start.is_integer() for start in starts):
+        raise ValueError(f"sftkey_phases start at whole optimizer steps with sftkey_phase_unit: steps, not {starts}.")
+    for index, phase in enumerate(phases):
+        if phase["key_weight"] < 0 or phase["other_weight"] < 0:
+            raise ValueError(f"sftkey_phases[{index}]: weights must be >= 0, not {phase}.")
+        if phase["key_weight"] == 0 and phase["other_weight"] == 0:
+            raise ValueError(f"sftkey_phases[{index}]: key_weight and other_weight cannot both be 0: nothing trains.")
 
 
 def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
@@ -159,6 +252,8 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
         "sftkey_on_missing": ON_MISSING,
         "sftkey_edge_tokens": EDGE_TOKENS,
         "sftkey_turns": TURNS,
+        "sftkey_phase_unit": PHASE_UNITS,
+        "sftkey_phase_interpolation": PHASE_INTERPOLATIONS,
     }
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
@@ -178,6 +273,10 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
             raise ValueError(f"{name} must be >= 0, not {getattr(args, name)}.")
     if args.sftkey_key_weight == 0 and args.sftkey_other_weight == 0:
         raise ValueError("sftkey_key_weight and sftkey_other_weight cannot both be 0: nothing would be trained.")
+    if args.sftkey_mode == "phases":
+        _validate_phases(args)
+    elif args.sftkey_phases is not None:
+        raise ValueError(f"sftkey_phases is read in sftkey_mode: phases only, not {args.sftkey_mode}: set the mode.")
     if not isinstance(args.sftkey_finder_options, dict):
         raise ValueError(f"sftkey_finder_options must be a mapping, not {type(args.sftkey_finder_options).__name__}.")
     validate_finder_options(args.sftkey_finder, args.sftkey_finder_options)

@@ -26,14 +26,14 @@ from .loss import (
     excess_weights,
     is_top1_where,
     key_metric_sums,
-    mask_labels_to_key,
+    mask_zero_weight_labels,
     metrics_from_sums,
     per_token_nll,
     selected_token_nll,
     shifted,
     weight_sum,
 )
-from .schedule import STAGE_KEY_ONLY
+from .schedule import PhasePoint
 
 
 def per_token_values(
@@ -83,7 +83,7 @@ class SFTKeyLossMixin:
         else:
             self.sftkey_callback = SFTKeyCallback(arguments)
             self.add_callback(self.sftkey_callback)
-        self._sftkey_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (metric sums, stage) since last log
+        self._sftkey_sums: dict[str, tuple[torch.Tensor, PhasePoint]] = {}  # mode -> (metric sums, phase) since log
         self._sftkey_outputs: Any = None
         self._sftkey_capturing = False
         forward_module.register_forward_hook(self._sftkey_capture)
@@ -98,17 +98,19 @@ class SFTKeyLossMixin:
         return getattr(self, "sftkey_callback", None) is not None
 
     @property
+    def sftkey_point(self) -> PhasePoint:
+        """The phase and weights of the optimizer step in progress."""
+        return self.sftkey_callback.point(self.state)
+
+    @property
     def sftkey_stage(self) -> int:
         """The stage of the optimizer step in progress (1: every completion token; 2: key tokens only)."""
-        return self.sftkey_callback.stage(self.state)
+        return self.sftkey_point.stage
 
-    def _sftkey_masks_labels(self) -> bool:
-        return self.model.training and self.sftkey_stage == STAGE_KEY_ONLY
-
-    def _sftkey_weighs_tokens(self) -> bool:
-        """Whether training steps weigh tokens other than 1 (``weighted`` mode with a weight that is not 1.0)."""
-        args = self.sftkey_arguments
-        return args.sftkey_mode == "weighted" and (args.sftkey_key_weight, args.sftkey_other_weight) != (1.0, 1.0)
+    @staticmethod
+    def _sftkey_weighs_tokens(point: PhasePoint) -> bool:
+        """Whether a step at ``point`` weighs a trained token other than 1 (a weight of 0 masks its label instead)."""
+        return any(w not in (0.0, 1.0) for w in (point.key_weight, point.other_weight))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # type: ignore[no-untyped-def]
         # Only the training loop fetches an optimizer step's micro-batches here; evaluation counts its batches
@@ -121,32 +123,34 @@ class SFTKeyLossMixin:
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The loss denominator of an optimizer step, counted once over its micro-batches and processes as the
-        trainer counts labels: the key tokens in stage 2 (at least 1, so a step without any key token has loss 0,
-        not 0 / 0), the weight sum with ``sftkey_normalize="weights"``, else the trained tokens."""
+        trainer counts labels: the weight sum with ``sftkey_normalize="weights"``, else the tokens of weight > 0 (the
+        key tokens in stage 2; at least 1 when a weight is 0, so a step without any such token has loss 0, not 0/0)."""
         count = super()._get_num_items_in_batch  # type: ignore[misc]
         if not getattr(self, "_sftkey_counting_step", False) or not batch_samples:
             return count(batch_samples, device)
-        if self.sftkey_stage == STAGE_KEY_ONLY:
-            masked = [{**b, "labels": mask_labels_to_key(b["labels"], b[SFTKEY_MASK])} for b in batch_samples]
-            num_items = count(masked, device)
-            return num_items.clamp(min=1) if torch.is_tensor(num_items) else num_items
-        if self.sftkey_arguments.sftkey_normalize == "weights" and self._sftkey_weighs_tokens():
+        point = self.sftkey_point
+        trained = [
+            {**b, "labels": mask_zero_weight_labels(b["labels"], b[SFTKEY_MASK], *point.weights)} for b in batch_samples
+        ]
+        if self.sftkey_arguments.sftkey_normalize == "weights" and self._sftkey_weighs_tokens(point):
             # transformers' own condition for counting at all: otherwise the loss is a mean per micro-batch
             if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
                 raise ValueError(
                     "sftkey_normalize='weights' needs a loss normalised per optimizer step (num_items_in_batch), "
                     "which this model's loss does not take: use sftkey_normalize='tokens'."
                 )
-            return self._sftkey_weight_sum(batch_samples, device)
-        return count(batch_samples, device)
+            return self._sftkey_weight_sum(trained, device, point)
+        num_items = count(trained, device)
+        if point.key_weight and point.other_weight:
+            return num_items
+        return num_items.clamp(min=1) if torch.is_tensor(num_items) else num_items
 
-    def _sftkey_weight_sum(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+    def _sftkey_weight_sum(self, batch_samples: list, device: torch.device, point: PhasePoint) -> torch.Tensor:
         """Sum of the token weights of an optimizer step, at least 1 (all micro-batches; all processes when the
         trainer averages tokens across them, as it does the count)."""
-        weights = (self.sftkey_arguments.sftkey_key_weight, self.sftkey_arguments.sftkey_other_weight)
         total = torch.stack(
             [
-                weight_sum(shifted(b[SFTKEY_MASK]), b["labels"][..., 1:] != IGNORE_INDEX, *weights).to(device)
+                weight_sum(shifted(b[SFTKEY_MASK]), b["labels"][..., 1:] != IGNORE_INDEX, *point.weights).to(device)
                 for b in batch_samples
             ]
         ).sum()
@@ -161,9 +165,9 @@ class SFTKeyLossMixin:
             raise KeyError(f"SFTKey: the batch has no {SFTKEY_MASK!r}; the data collator did not carry it.")
         key_mask = inputs.pop(SFTKEY_MASK)
         completion_labels = inputs["labels"]
-        stage = self.sftkey_stage
-        if self._sftkey_masks_labels():
-            inputs["labels"] = mask_labels_to_key(completion_labels, key_mask)
+        point, training = self.sftkey_point, self.model.training  # evaluation scores every completion token
+        if training:
+            inputs["labels"] = mask_zero_weight_labels(completion_labels, key_mask, *point.weights)
         self._sftkey_capturing = True
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
@@ -172,20 +176,21 @@ class SFTKeyLossMixin:
             self._sftkey_capturing = False
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
-        if self.model.training and self._sftkey_weighs_tokens():
-            correction = self._sftkey_correction(outputs, inputs["labels"], key_mask)
+        if training and self._sftkey_weighs_tokens(point):
+            correction = self._sftkey_correction(outputs, inputs["labels"], key_mask, point)
             loss = loss + correction * self._sftkey_loss_scale(inputs["labels"], num_items_in_batch)
         self._sftkey_record(
-            per_token_values(outputs, inputs["labels"], key_mask), inputs["labels"], completion_labels, key_mask, stage
+            per_token_values(outputs, inputs["labels"], key_mask), inputs["labels"], completion_labels, key_mask, point
         )
         return (loss, result[1]) if return_outputs else loss
 
-    def _sftkey_correction(self, outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def _sftkey_correction(
+        self, outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor, point: PhasePoint
+    ) -> torch.Tensor:
         """``sum((w - 1) * loss_t)`` over this micro-batch's trained tokens, ``loss_t`` the trainer's own per-token
         loss (the NLL, or DFT's ``p * NLL`` with ``loss_type="dft"``): added to its ``sum(loss_t)`` it gives the
         weighted sum. From full logits only the tokens whose weight is not 1 are recomputed (with a graph)."""
-        args = self.sftkey_arguments
-        excess = excess_weights(shifted(key_mask), args.sftkey_key_weight, args.sftkey_other_weight)
+        excess = excess_weights(shifted(key_mask), *point.weights)
         log_probs = getattr(outputs, "log_probs", None)
         logits = getattr(outputs, "logits", None)
         if log_probs is not None:  # TRL >= 1.10's fused LM head: zero where the label is ignored
@@ -196,7 +201,7 @@ class SFTKeyLossMixin:
             excess = excess.to(nll.device)[selected.to(nll.device)]
         else:
             raise RuntimeError(
-                "sftkey_mode='weighted' needs per-token losses, but this loss path returns only a total. With "
+                "Token weights other than 0 and 1 need per-token losses, but this loss path returns only a total. With "
                 "trl < 1.10 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
             )
         if getattr(self.args, "loss_type", None) == "dft":
@@ -219,7 +224,7 @@ class SFTKeyLossMixin:
         labels: torch.Tensor,
         completion_labels: torch.Tensor,
         key_mask: torch.Tensor,
-        stage: int,
+        point: PhasePoint,
     ) -> None:
         """Add this micro-batch's key/reasoning sums to this process's buffer of its mode (reduced when logged)."""
         scored = labels[..., 1:] != IGNORE_INDEX
@@ -234,16 +239,16 @@ class SFTKeyLossMixin:
         # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
         if mode in self._sftkey_sums:
             sums = sums + self._sftkey_sums[mode][0]
-        self._sftkey_sums[mode] = (sums, stage)
+        self._sftkey_sums[mode] = (sums, point)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         buffered = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
         if buffered is not None:
-            sums, stage = buffered
+            sums, point = buffered
             # one collective per log, not per micro-batch: every process logs at the same step, with its own sums
             sums = self.accelerator.gather(sums[None]).sum(0)
             prefix = "eval_" if mode == "eval" else ""
             # in place, as Trainer.evaluate returns the dict it logged
-            logs.update({prefix + k: v for k, v in metrics_from_sums(sums.cpu(), stage).items()})
+            logs.update({prefix + k: v for k, v in metrics_from_sums(sums.cpu(), point, mode == "train").items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

@@ -16,13 +16,20 @@ from __future__ import annotations
 import torch
 
 from .masking import IGNORE_INDEX
+from .schedule import PhasePoint
 
 METRIC_PREFIX = "sftkey/"
 
 
-def mask_labels_to_key(labels: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Labels with every non-key token set to ``-100``: the stage-2 / ``key_only`` objective."""
-    return labels.masked_fill(key_mask.to(labels.device) == 0, IGNORE_INDEX)
+def mask_zero_weight_labels(
+    labels: torch.Tensor, key_mask: torch.Tensor, key_weight: float, other_weight: float
+) -> torch.Tensor:
+    """Labels with every token of weight 0 set to ``-100`` (other weight 0: the stage-2 / ``key_only`` objective), so
+    those tokens leave the loss and its token count, and fused or chunked loss paths skip them."""
+    if key_weight != 0 and other_weight != 0:
+        return labels
+    is_key = key_mask.to(labels.device) != 0
+    return labels.masked_fill(~is_key if other_weight == 0 else is_key, IGNORE_INDEX)
 
 
 def shifted(key_mask: torch.Tensor) -> torch.Tensor:
@@ -123,10 +130,15 @@ def key_metric_sums(
     return torch.stack([(nll * key_scored).sum(), k, r, (nll * other_scored).sum(), o, kt, ct])
 
 
-def metrics_from_sums(sums: torch.Tensor, stage: int) -> dict[str, float]:
-    """The ``sftkey/*`` metrics; a loss is left out when no token of its kind was scored, rather than logged as 0."""
+def metrics_from_sums(sums: torch.Tensor, point: PhasePoint, training: bool = True) -> dict[str, float]:
+    """The ``sftkey/*`` metrics; a loss is left out when no token of its kind was scored, rather than logged as 0.
+    The phase and weights are those of training steps only: evaluation weighs nothing."""
     key_nll, key_scored, key_right, other_nll, other_scored, key_tokens, completion_tokens = sums.tolist()
-    metrics = {f"{METRIC_PREFIX}stage": float(stage)}
+    metrics = {f"{METRIC_PREFIX}stage": float(point.stage)}
+    if training:
+        metrics[f"{METRIC_PREFIX}phase"] = float(point.phase)
+        metrics[f"{METRIC_PREFIX}key_weight"] = point.key_weight
+        metrics[f"{METRIC_PREFIX}other_weight"] = point.other_weight
     if completion_tokens > 0:
         metrics[f"{METRIC_PREFIX}key_fraction"] = key_tokens / completion_tokens
     if key_scored > 0:

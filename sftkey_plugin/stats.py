@@ -113,6 +113,7 @@ _WITHOUT_KEYS = {
     "two_stage": "stage 2 would train nothing, step after step",
     "key_only": "key_only would train nothing",
     "weighted": "sftkey_key_weight would weigh (almost) nothing",
+    "phases": "the key weights of sftkey_phases would weigh (almost) nothing",
 }
 
 

@@ -86,7 +86,15 @@ RUNS = {
     },
     # an instruction-style dataset: marked by the trainer from Axolotl's own tokens
     "alpaca": {**SFTKEY_ON, "datasets": "ALPACA"},
-}
+    # "on" written as its phases preset, and a soft stage 2 reached linearly
+    "phases_two_stage": {**SFTKEY_ON, **EVAL, "sftkey_mode": "phases", "sftkey_phase_unit": "steps",
+                         "sftkey_phases": [{"start": 0, "key_weight": 1, "other_weight": 1},
+                                           {"start": 2, "key_weight": 1, "other_weight": 0}]},
+    "phases_soft": {**SFTKEY_ON, "sftkey_mode": "phases", "sftkey_phase_unit": "steps",
+                    "sftkey_phase_interpolation": "linear",
+                    "sftkey_phases": [{"start": 0, "key_weight": 1, "other_weight": 1},
+                                      {"start": 2, "key_weight": 2, "other_weight": 0.1}]},
+}  # fmt: skip
 
 
 def _env() -> dict:
@@ -221,6 +229,32 @@ def test_weighted_one_one_is_plain_sft(runs):
         assert one_one["loss"] == pytest.approx(plain["loss"], rel=1e-5)
         assert one_one["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
         assert one_one["sftkey/stage"] == 1 and "sftkey/reasoning_loss" in one_one
+
+
+def test_phases_preset_of_two_stage_trains_exactly_as_two_stage(runs):
+    """The same computation through either key: every training and evaluation log bit-identical."""
+    assert runs["phases_two_stage"]["history"] == runs["on"]["history"]
+    logs = _train_logs(runs["phases_two_stage"]["history"])
+    assert [(entry["sftkey/key_weight"], entry["sftkey/other_weight"]) for entry in logs] == [
+        (1, 1),
+        (1, 1),
+        (1, 0),
+        (1, 0),
+    ]
+    assert (
+        "SFTKey phases: steps 1-2: key tokens x1, other tokens x1; steps 3-4: key tokens x1, other tokens x0"
+        in (runs["phases_two_stage"]["output"])
+    )
+
+
+def test_linear_phases_move_the_weights_step_by_step(runs):
+    logs = _train_logs(runs["phases_soft"]["history"])
+    assert [entry["sftkey/key_weight"] for entry in logs] == [1, 1.5, 2, 2]
+    assert [entry["sftkey/other_weight"] for entry in logs] == pytest.approx([1, 0.55, 0.1, 0.1])
+    assert [entry["sftkey/stage"] for entry in logs] == [1, 1, 1, 1]
+    assert all("sftkey/reasoning_loss" in entry and entry["loss"] > 0 for entry in logs)
+    on = _train_logs(runs["on"]["history"])
+    assert logs[0]["loss"] == on[0]["loss"] and logs[1]["loss"] != on[1]["loss"]  # weights apply from step 2
 
 
 def test_gradient_accumulation_is_exact(runs):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from ..config import SFTKEY_FIELDS, SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
+from ..config import SFTKEY_FIELDS, SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments, weighs_tokens
 
 PLUGIN_NAME = "sftkey_plugin.axolotl.SFTKeyPlugin"
 STRATEGY_TYPE = "sftkey_plugin.axolotl.strategy"
@@ -140,13 +140,13 @@ class _SFTKeyValidators(BaseModel):
             validate_sftkey_arguments(arguments)
         except ValueError as error:
             raise ValueError(f"SFTKey: {error}") from error
-        if arguments.sftkey_mode == "weighted":
+        if weighs_tokens(arguments):
             fused = [
                 name for name in ("cut_cross_entropy", "liger_fused_linear_cross_entropy") if getattr(self, name, None)
             ]
             if fused:
                 _refuse(
-                    f"{fused[0]}: true in sftkey_mode: weighted",
+                    f"{fused[0]}: true in sftkey_mode: {arguments.sftkey_mode} with token weights other than 0 and 1",
                     "a fused loss returns no per-token losses to weight",
                     f"Set {fused[0]}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only, "
                     "which keep the fused loss.",

@@ -2,7 +2,9 @@
 
 Extraction runs the same finder as training (``match_key_spans``), then strips the span's markers
 (``<Answer>…</Answer>``, ``####``, ``\\boxed{}``, "The answer is") to the bare answer. Normalisation makes
-``1,000`` = ``1000``, ``$5`` = ``5``, ``0.50`` = ``1/2`` = ``\\frac{1}{2}``, ``(B)`` = ``B.`` = ``B``.
+``1,000`` = ``1000``, ``$5`` = ``5``, ``0.50`` = ``1/2``, ``(B)`` = ``B.`` = ``B``; mathematical equality beyond
+that (LaTeX, radicals, sets, intervals, percentages) is decided by math-verify, as TRL's accuracy reward and
+open-r1 decide it. Option letters keep their own rule: ``B`` is never equal to a number.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ FORMAT_PATTERN = rf"\s*<Thinking>(?P<reasoning>{_FREE})</Thinking>\s*<Answer>(?P
 
 _ANSWER_PHRASE = re.compile(r"(?is)^(?:final answer:\s*)?(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*")
 _MATH_WRAP = re.compile(r"(?s)^(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$")
-_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*(?:%|[A-Za-z][A-Za-z .]*)?")
 _LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?|\(([a-z])\)|\(([A-Z])\)\s.*|([A-Z])[.:)]\s.*", re.S)
@@ -88,16 +88,6 @@ def extract_answer(
     return Extraction(name, span, answer or None)
 
 
-def _latex_to_plain(text: str) -> str:
-    """Undo the LaTeX that only dresses a value: ``\\frac{a}{b}``, ``\\text{}``, ``\\$``, ``\\%``, ``\\!``."""
-    text = _LATEX_TEXT.sub(r"\1", text)
-    text = _LATEX_FRAC.sub(r"(\1)/(\2)", text)
-    text = re.sub(r"\\[dt]?frac(\d)(\d)", r"\1/\2", text)
-    text = re.sub(r"\\left|\\right|\\[!,;: ]", "", text)
-    text = text.replace("\\$", "$").replace("\\%", "%").replace("^\\circ", "").replace("^{\\circ}", "")
-    return re.sub(r"\((-?[\d.]+)\)", r"\1", text)  # "(1)/(2)" from the fraction rule back to "1/2"
-
-
 def _as_number(text: str) -> str | None:
     """Canonical exact value of a number, fraction or percentage (units after it ignored), else None."""
     text = _THOUSANDS.sub("", text.replace("$", "").replace("\u2212", "-")).strip()
@@ -123,17 +113,37 @@ def normalize_answer(text: str | None) -> str | None:
     """One canonical string per answer, so equal answers compare equal (None stays None)."""
     if text is None:
         return None
-    answer = _latex_to_plain(strip_markers(text)).strip().rstrip(".").strip()
+    answer = strip_markers(text).strip().rstrip(".").strip()
     answer = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer)  # "x = 5" answers the question "x?" with 5
     if not answer:
         return None
     return _as_letter(answer) or _as_number(answer) or " ".join(answer.casefold().split())
 
 
+def _is_letter(normalized: str) -> bool:
+    return len(normalized) == 1 and normalized.isupper()  # text answers are casefolded: only letters stay upper
+
+
+def math_equal(prediction: str, gold: str) -> bool:
+    """Whether two bare answers are mathematically equal as math-verify decides it (TRL's accuracy reward and
+    open-r1 use it): LaTeX, radicals, fractions, sets, intervals, equations, percentages, units."""
+    from math_verify import parse, verify  # sympy and the LaTeX grammar load in about a second: only when needed
+
+    parsed_gold, parsed_prediction = parse(f"${gold}$"), parse(f"${prediction}$")
+    return bool(parsed_gold) and bool(parsed_prediction) and verify(parsed_gold, parsed_prediction)
+
+
 def answers_match(prediction: str | None, gold: str | None) -> bool:
-    """Whether a predicted answer equals the gold one after normalisation (no prediction is wrong)."""
+    """Whether a predicted answer equals the gold one (no prediction is wrong): option letters only as letters;
+    anything else when equal after normalisation or mathematically equal (``math_equal``)."""
     predicted, expected = normalize_answer(prediction), normalize_answer(gold)
-    return predicted is not None and predicted == expected
+    if predicted is None or expected is None:
+        return False
+    if predicted == expected:
+        return True
+    if _is_letter(predicted) or _is_letter(expected):
+        return False
+    return math_equal(strip_markers(prediction or ""), strip_markers(gold or ""))
 
 
 def format_ok(text: str, pattern: str | None = None) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .answers import extract_answer, format_ok, normalize_answer
+from .answers import answers_match, extract_answer, format_ok, normalize_answer
 from .data import CLIError, last_assistant_index, load_records, parse_json_option, record_form
 
 SCORE_WEIGHTS = (0.7, 0.3)  # the paper's Score = 0.7 Acc + 0.3 Fmt
@@ -229,7 +229,7 @@ def score_outputs(
                 "finder": extraction.finder,
                 "prediction_normalized": predicted,
                 "gold_normalized": expected,
-                "correct": None if expected is None else predicted == expected,
+                "correct": None if expected is None else answers_match(extraction.answer, gold),
                 "format_ok": format_ok(output, format_pattern),
             }
         )

@@ -15,7 +15,7 @@ from trl import SFTTrainer
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
 
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
-from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
+from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments, weighs_tokens
 from ..hf_trainer import SFTKeyLossMixin
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
@@ -66,10 +66,10 @@ def _reject_unsupported_arguments(args: Any) -> None:
     """Training arguments SFTKey cannot honour: refused before any data is prepared."""
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
-    if args.sftkey_mode == "weighted" and args.loss_type == "chunked_nll":
+    if weighs_tokens(args) and args.loss_type == "chunked_nll":
         raise ValueError(
-            "sftkey_mode='weighted' needs per-token losses, which trl's chunked_nll does not return: set "
-            "loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
+            f"sftkey_mode='{args.sftkey_mode}' weighs tokens, which needs per-token losses, and trl's chunked_nll does "
+            "not return them: set loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
         )
     if args.loss_type == "dft" and not FUSED_HEAD:
         raise ValueError(
