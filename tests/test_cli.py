@@ -101,6 +101,7 @@ def test_normalize_answer_golden(text, expected):
         ("2", "B", False),  # never a number
         ("Even", "even", True),
         ("odd", "even", False),
+        ("neve", "even", False),  # words stay words (math-verify would read both as e*e*n*v)
         # decided by math-verify; the hand-written LaTeX rules it replaces said False for these three
         ("\\frac{\\sqrt2}{2}", "\\sqrt{2}/2", True),
         ("0.1", "10\\%", True),
@@ -463,7 +464,7 @@ def test_eval_generation_is_batched_with_left_padding(tiny_dir):
 def test_demo_splits_hold_out_test_questions():
     from sftkey_plugin.cli.demo import make_splits
 
-    for task in ("arithmetic", "choice"):
+    for task in ("arithmetic", "choice", "parity"):
         train, test = make_splits(task, 300, 50, terms=2, digits=2, seed=0)
         train_questions = {r["prompt"][0]["content"].split("?")[0] for r in train}
         assert len(train) == 300 and len(test) == 50
@@ -472,6 +473,10 @@ def test_demo_splits_hold_out_test_questions():
         assert format_ok(record["completion"][0]["content"]) and record["answer"]
     with pytest.raises(Exception, match="distinct questions"):
         make_splits("arithmetic", 500, 10, terms=2, digits=1, seed=0)
+    _, parity = make_splits("parity", 10, 40, terms=3, digits=2, seed=1)
+    assert {r["answer"] for r in parity} == {"even", "odd"}  # both occur, each the value's parity, never the value
+    assert all(r["answer"] == ("even", "odd")[int(r["value"]) % 2] for r in parity)
+    assert all(r["prompt"][0]["content"].endswith("even or odd?") for r in parity)
 
 
 def test_demo_pipeline_small(tmp_path, capsys):

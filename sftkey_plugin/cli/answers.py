@@ -25,6 +25,7 @@ _ANSWER_PHRASE = re.compile(r"(?is)^(?:final answer:\s*)?(?:the\s+)?(?:final\s+)
 _MATH_WRAP = re.compile(r"(?s)^(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*(?:%|[A-Za-z][A-Za-z .]*)?")
+_MATH = re.compile(r"[\d\\]")  # a digit or a LaTeX command: an answer math-verify can read
 _LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?|\(([a-z])\)|\(([A-Z])\)\s.*|([A-Z])[.:)]\s.*", re.S)
 
 
@@ -134,15 +135,16 @@ def math_equal(prediction: str, gold: str) -> bool:
 
 
 def answers_match(prediction: str | None, gold: str | None) -> bool:
-    """Whether a predicted answer equals the gold one (no prediction is wrong): option letters only as letters;
-    anything else when equal after normalisation or mathematically equal (``math_equal``)."""
+    """Whether a predicted answer equals the gold one (no prediction is wrong): option letters only as letters, words
+    as words; anything else when equal after normalisation or, for a gold answer with a digit or LaTeX,
+    mathematically equal (``math_equal``)."""
     predicted, expected = normalize_answer(prediction), normalize_answer(gold)
     if predicted is None or expected is None:
         return False
     if predicted == expected:
         return True
-    if _is_letter(predicted) or _is_letter(expected):
-        return False
+    if _is_letter(predicted) or _is_letter(expected) or not _MATH.search(gold or ""):
+        return False  # math-verify reads words as products of symbols: "even" would equal its anagram "neve"
     return math_equal(strip_markers(prediction or ""), strip_markers(gold or ""))
 
 

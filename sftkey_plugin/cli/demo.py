@@ -23,6 +23,7 @@ from .data import CLIError, save_records
 
 ARMS = ("sft", "sftkey")
 LETTERS = "ABCD"
+PARITY = ("even", "odd")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,10 +37,10 @@ def add_parser(subparsers: Any) -> None:
         "Writes data, models, per-example results and (with matplotlib) demo.png to --output-dir.",
         epilog="Task 'arithmetic': the answer repeats the last reasoning line. Task 'choice': the question lists "
         "four options and the answer is the letter of the computed value, so the answer tokens hold a step the "
-        "reasoning does not.",
+        "reasoning does not. Task 'parity': the answer is whether the computed value is even or odd, likewise.",
     )
     parser.add_argument("--output-dir", default="sftkey-demo", help="where everything is written (default sftkey-demo)")
-    parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "choice"])
+    parser.add_argument("--task", default="arithmetic", choices=TASKS)
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps per arm (default 800)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 64 train and 16 test questions")
     parser.add_argument("--train-size", type=int, default=2000)
@@ -85,6 +86,18 @@ def choice_problem(rng: random.Random, terms: int, digits: int) -> tuple[str, st
     return f"{question} {listing}", reasoning, LETTERS[shuffled.index(int(value))], value
 
 
+def parity_problem(rng: random.Random, terms: int, digits: int) -> tuple[str, str, str, str]:
+    """``(question, reasoning, even/odd, value)``: the answer is a fixed transformation of the computed value, not a
+    copy of the last reasoning line."""
+    question, reasoning, value = arithmetic_problem(rng, terms=terms, digits=digits)
+    return question.replace("What is", "Is", 1).replace("?", " even or odd?"), reasoning, PARITY[int(value) % 2], value
+
+
+# tasks whose answer is not a copy of the last reasoning line, as (question, reasoning, answer, value) generators
+NON_COPY_TASKS = {"choice": choice_problem, "parity": parity_problem}
+TASKS = ["arithmetic", *NON_COPY_TASKS]
+
+
 def make_splits(task: str, train_size: int, test_size: int, terms: int, digits: int, seed: int) -> tuple[list, list]:
     """Train and test records (conversational prompt/completion) whose arithmetic never overlaps."""
     rng = random.Random(seed)
@@ -97,8 +110,8 @@ def make_splits(task: str, train_size: int, test_size: int, terms: int, digits: 
                 f"only {len(seen)} distinct questions with --terms {terms} --digits {digits}; "
                 f"ask for fewer than {needed} or make the questions larger"
             )
-        if task == "choice":
-            question, reasoning, answer, value = choice_problem(rng, terms, digits)
+        if task in NON_COPY_TASKS:
+            question, reasoning, answer, value = NON_COPY_TASKS[task](rng, terms, digits)
             expression = question.split("?")[0]
         else:
             question, reasoning, answer = arithmetic_problem(rng, terms=terms, digits=digits)
