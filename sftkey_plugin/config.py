@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .schedule import weighs
+
 MODES = ("two_stage", "key_only", "weighted", "phases")
 ON_MISSING = ("error", "drop", "keep")
 EDGE_TOKENS = ("include", "exclude")
@@ -183,7 +185,7 @@ def weighs_tokens(args: SFTKeyArguments) -> bool:
     """Whether some step weighs a trained token other than 1 (a weight of 0 masks the label instead), so the loss
     path must give per-token losses."""
     weights = mode_weights(args)
-    if any(w not in (0.0, 1.0) for pair in weights for w in pair):
+    if any(weighs(*pair) for pair in weights):
         return True
     linear = args.sftkey_mode == "phases" and args.sftkey_phase_interpolation == "linear"
     return linear and len(set(weights)) > 1  # the weights between two different phases are fractions

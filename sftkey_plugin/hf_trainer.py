@@ -33,7 +33,7 @@ from .loss import (
     shifted,
     weight_sum,
 )
-from .schedule import PhasePoint
+from .schedule import PhasePoint, weighs
 
 
 def per_token_values(
@@ -107,11 +107,6 @@ class SFTKeyLossMixin:
         """The stage of the optimizer step in progress (1: every completion token; 2: key tokens only)."""
         return self.sftkey_point.stage
 
-    @staticmethod
-    def _sftkey_weighs_tokens(point: PhasePoint) -> bool:
-        """Whether a step at ``point`` weighs a trained token other than 1 (a weight of 0 masks its label instead)."""
-        return any(w not in (0.0, 1.0) for w in (point.key_weight, point.other_weight))
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # type: ignore[no-untyped-def]
         # Only the training loop fetches an optimizer step's micro-batches here; evaluation counts its batches
         # through _get_num_items_in_batch directly, and must count (and score) every token.
@@ -132,7 +127,7 @@ class SFTKeyLossMixin:
         trained = [
             {**b, "labels": mask_zero_weight_labels(b["labels"], b[SFTKEY_MASK], *point.weights)} for b in batch_samples
         ]
-        if self.sftkey_arguments.sftkey_normalize == "weights" and self._sftkey_weighs_tokens(point):
+        if self.sftkey_arguments.sftkey_normalize == "weights" and weighs(*point.weights):
             # transformers' own condition for counting at all: otherwise the loss is a mean per micro-batch
             if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
                 raise ValueError(
@@ -176,7 +171,7 @@ class SFTKeyLossMixin:
             self._sftkey_capturing = False
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
-        if training and self._sftkey_weighs_tokens(point):
+        if training and weighs(*point.weights):
             correction = self._sftkey_correction(outputs, inputs["labels"], key_mask, point)
             loss = loss + correction * self._sftkey_loss_scale(inputs["labels"], num_items_in_batch)
         self._sftkey_record(

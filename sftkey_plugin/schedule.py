@@ -20,6 +20,12 @@ STAGE_ALL_TOKENS = 1
 STAGE_KEY_ONLY = 2
 
 
+def weighs(key_weight: float, other_weight: float) -> bool:
+    """Whether these weights weigh a trained token other than 1 (a weight of 0 masks the label instead), which needs
+    the loss path's per-token losses."""
+    return any(w not in (0.0, 1.0) for w in (key_weight, other_weight))
+
+
 @dataclass(frozen=True)
 class Phase:
     """From ``start`` on (completed optimizer steps, or epochs done in an epoch schedule) until the next phase,
