@@ -145,8 +145,8 @@ class SFTKeyArguments:
         default=0.5,
         metadata={
             "help": "Refuse to train when fewer than this share of the training examples keep a key span (after "
-            "truncation) in a mode that needs key tokens (two_stage, key_only, weighted with sftkey_key_weight != "
-            "sftkey_other_weight); 0 turns the check off."
+            "truncation) in a mode that needs key tokens (two_stage, key_only, weighted or a phase whose key weight "
+            "differs from its other weight); 0 turns the check off."
         },
     )
 
