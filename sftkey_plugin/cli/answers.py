@@ -151,4 +151,4 @@ def answers_match(prediction: str | None, gold: str | None) -> bool:
 def format_ok(text: str, pattern: str | None = None) -> bool:
     """The paper's format accuracy: the whole output has the tag structure, every named part non-blank."""
     match = re.fullmatch(pattern or FORMAT_PATTERN, text, re.S)
-    return bool(match) and all(part is not None and part.strip() for part in match.groupdict().values())
+    return match is not None and all(part is not None and part.strip() for part in match.groupdict().values())

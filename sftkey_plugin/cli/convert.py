@@ -195,7 +195,7 @@ def _convert_raw(record: dict[str, Any], args: argparse.Namespace, options: Mapp
         record.pop(name)
     user = [{"role": "user", "content": question}]
     assistant = [{"role": "assistant", "content": tagged_response(reasoning, answer)}]
-    converted = (
+    converted: dict[str, Any] = (
         {"messages": user + assistant} if args.target_form == "messages" else {"prompt": user, "completion": assistant}
     )
     converted.update(record)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if args.source == "field":
         options.setdefault("answer_field", args.answer_field)
     records = load_records(args.input, args.split)
-    converted, rejects, counts = [], [], Counter()
+    converted, rejects, counts = [], [], Counter[str]()
     reasons: Counter[str] = Counter()
     for index, record in enumerate(tqdm(records, desc="converting", unit="rec", disable=None)):
         try:

@@ -435,7 +435,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
         torch.float32 if dtype == "auto" and device == "cpu" else dtype if dtype == "auto" else getattr(torch, dtype)
     )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=chosen)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers decorates .to(); mypy misreads the wrapper
 
 
 def format_summary(summary: Mapping[str, Any], output: str, summary_path: str) -> str:
