@@ -236,3 +236,26 @@ def test_weights_other_than_zero_and_one_need_per_token_losses(tiny_dir, tmp_pat
             tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="phases", loss_type="chunked_nll",
             sftkey_phases=phases((0, 1, 1), (0.5, 1, 0.1)),
         )  # fmt: skip
+
+
+def test_the_readme_examples_are_valid_schedules():
+    """The README's phases block (its soft stage 2, and the ramp in its comments) passes validation as written."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Phases") : readme.index("### Finders")]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    soft = yaml.safe_load(block)
+    ramp = yaml.safe_load("\n".join(line[2:] for line in block.splitlines() if line.startswith("# sftkey")))
+    schedules = []
+    for values in (soft, {**soft, **ramp}):
+        arguments = SFTKeyArguments(sftkey=True, **values)
+        validate_sftkey_arguments(arguments)
+        schedules.append((arguments.sftkey_phase_interpolation, arguments.sftkey_phases))
+    assert schedules == [
+        ("step", phases((0, 1, 1), (0.5, 1, 0.1))),
+        ("linear", phases((0, 1, 1), (0.5, 3, 1))),
+    ]
