@@ -57,6 +57,11 @@ class SFTKeyCallback(TrainerCallback):
         arguments = self.arguments
         weights = mode_weights(arguments)
         if arguments.sftkey_mode == "phases":
+            if any(value is not None for value in self.overrides):
+                raise ValueError(
+                    "SFTKeyCallback(stage2_steps/stage2_ratio/stage2_epoch) moves the two_stage switch; with "
+                    "sftkey_mode='phases' set the starts in sftkey_phases instead."
+                )
             unit = arguments.sftkey_phase_unit
             starts = [phase["start"] for phase in parse_phases(arguments.sftkey_phases)]
             if unit == "ratio":

@@ -226,6 +226,18 @@ def test_linear_phases_resume_to_the_same_run(tiny_dir, tmp_path):
     assert losses(resumed) == pytest.approx(losses(full), rel=GRAD_RTOL)
 
 
+def test_a_stage_two_callback_override_is_refused_with_phases(tiny_dir, tmp_path):
+    from sftkey_plugin import SFTKeyCallback
+
+    records = arithmetic_records(8, seed=3, form="prompt_completion")
+    trainer = trainer_for(
+        tiny_dir, records, tmp_path, callbacks=[SFTKeyCallback(stage2_steps=1)], sftkey=True, sftkey_mode="phases",
+        sftkey_phases=phases((0, 1, 1), (0.5, 1, 0)), max_steps=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="set the starts in sftkey_phases"):
+        trainer.train()
+
+
 def test_weights_other_than_zero_and_one_need_per_token_losses(tiny_dir, tmp_path):
     """trl 1.9's chunked_nll returns only a total (trl 1.16 reads it as nll, which has per-token losses)."""
     if config(tmp_path, loss_type="chunked_nll").loss_type != "chunked_nll":
