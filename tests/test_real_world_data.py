@@ -360,7 +360,8 @@ def test_trl_min_found_threshold_and_off_switches(tiny_dir: str, tmp_path: Path)
     # phases: refused when a phase weighs key tokens apart, not when every phase weighs all tokens alike
     soft = [{"start": 0, "key_weight": 1, "other_weight": 1}, {"start": 0.5, "key_weight": 1, "other_weight": 0.1}]
     with pytest.raises(ValueError, match="sftkey_mode=phases needs key tokens"):
-        trainer_for(tiny_dir, keyless_records(), tmp_path / "p", sftkey=True, sftkey_mode="phases", sftkey_phases=soft)
+        trainer_for(tiny_dir, keyless_records(), tmp_path / "p", sftkey=True, sftkey_mode="phases", sftkey_phases=soft,
+                    **PER_TOKEN)  # fmt: skip
     alike = [{"start": 0, "key_weight": 1, "other_weight": 1}, {"start": 0.5, "key_weight": 0.5, "other_weight": 0.5}]
     trainer_for(tiny_dir, keyless_records(), tmp_path / "pa", sftkey=True, sftkey_mode="phases", sftkey_phases=alike,
                 **PER_TOKEN)  # fmt: skip
