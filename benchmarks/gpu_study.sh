@@ -10,12 +10,7 @@
 #   run(command="bash benchmarks/gpu_study.sh", carry=[".whl"], timeout_s=570)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 timeout 540 python3 benchmarks/reproduce.py --tasks arithmetic,parity --seeds 0,1,2 --steps 400 --batch-size 32 \
   --hidden-size 640 --layers 8 --learning-rate 1e-3 --train-size 4000 --test-size 200 \
   --json "$out/reproduce_gpu.json" 2>&1 | grep -v Warning | tee "$out/reproduce_gpu.txt"
