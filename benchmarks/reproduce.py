@@ -111,7 +111,7 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
         )
     demo_args = argparse.Namespace(
         output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-        seed=seed,
+        seed=seed, device=options.device,
     )  # fmt: skip
     results = {}
     for arm in options.arms:
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU where torch sees one")
     parser.add_argument("--jobs", type=int, default=1, help="(task, seed) units trained in parallel processes")
     parser.add_argument("--json", help="write every per-item result and the summary here")
     options = parser.parse_args()

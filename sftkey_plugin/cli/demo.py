@@ -8,6 +8,7 @@ are scored by ``sftkey eval``'s code on held-out questions that never occur in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -68,6 +69,12 @@ def add_parser(subparsers: Any) -> None:
         default=1,
         help="torch CPU threads (default 1: a tiny model gains nothing from more, and loses a lot "
         "when other processes share the cores)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu"],
+        help="auto: train on the GPU where torch sees one (default), cpu: always on the CPU",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     parser.add_argument("--json", action="store_true", help="print the final results as one JSON object")
@@ -194,6 +201,7 @@ def train_arm(
             "sftkey_stage2_ratio": args.stage2_ratio,
             "sftkey_key_weight": args.key_weight,
         }
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import SFTTrainer
@@ -218,7 +226,7 @@ def train_arm(
         data_seed=args.seed,
         bf16=False,
         gradient_checkpointing=False,  # TRL 1.16 turns both on by default, CPU included
-        use_cpu=True,
+        use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -246,15 +254,27 @@ def _apply_quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Data, tokenizer, shared initial weights, two trainings, two evaluations, comparison, plot."""
+    """Run the demo; with ``--json`` stdout holds only the result and everything else printed meanwhile goes to
+    stderr, libraries' own prints included (deepspeed's logger writes to stdout)."""
+    result_stream = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        report = _demo(args)
+    if args.json:
+        print(json.dumps(report), file=result_stream)
+    else:
+        _print_summary(report, args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Data, tokenizer, shared initial weights, two trainings, two evaluations, comparison, plot: the report."""
     _apply_quick(args)
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stream = sys.stderr if args.json else sys.stdout  # --json: stdout holds only the JSON result
 
     def say(*parts: Any) -> None:
-        print(*parts, file=stream, flush=True)
+        print(*parts, flush=True)
 
     say(
         f"[1/5] Generating {args.train_size} training and {args.test_size} held-out {args.task} questions "
@@ -269,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..tiny import build_model, build_tokenizer
-    from .evaluate import compare_results, evaluate_records, format_comparison, write_results
+    from .evaluate import compare_results, evaluate_records, write_results
 
     _quiet_libraries()
     torch.set_num_threads(args.threads)
@@ -314,18 +334,22 @@ def run(args: argparse.Namespace) -> int:
         "wall_seconds": round(wall, 1),
         "output_dir": str(out),
     }
-    if args.json:
-        print(json.dumps(report))
-        return 0
+    return report
+
+
+def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """The comparison table, a verdict and where everything is."""
+    from .evaluate import format_comparison
+
+    comparison, out = report["comparison"], report["output_dir"]
     print(format_comparison(comparison, "plain SFT", "SFTKey"))
     print(_verdict(comparison))
-    if plot:
-        print(f"  plot: {plot}")
+    if report["plot"]:
+        print(f"  plot: {report['plot']}")
     elif not args.no_plot:
         print("  (no plot: matplotlib is not installed; pip install matplotlib to get demo.png)")
     print(f"  re-score a model: sftkey eval {out}/sftkey {out}/test.jsonl -o sftkey.jsonl")
-    print(f"  everything is in {out}/ ; total time {wall / 60:.1f} min")
-    return 0
+    print(f"  everything is in {out}/ ; total time {report['wall_seconds'] / 60:.1f} min")
 
 
 def _verdict(comparison: dict[str, Any]) -> str:
