@@ -233,6 +233,26 @@ def _validate_phases(args: SFTKeyArguments) -> None:
             raise ValueError(f"sftkey_phases[{index}]: key_weight and other_weight cannot both be 0: nothing trains.")
 
 
+PRESET_FIELD_NAMES = (
+    "sftkey_stage2_ratio",
+    "sftkey_stage2_steps",
+    "sftkey_stage2_epoch",
+    "sftkey_key_weight",
+    "sftkey_other_weight",
+)
+
+
+def _refuse_preset_settings(args: SFTKeyArguments) -> None:
+    """In phases mode the presets' own keys are not read: refuse any set to other than its default, not ignore it."""
+    defaults = {field.name: field.default for field in SFTKEY_FIELDS}
+    for name in PRESET_FIELD_NAMES:
+        if getattr(args, name) != defaults[name]:
+            raise ValueError(
+                f"{name} is not read in sftkey_mode: phases (sftkey_phases gives each phase's start and weights): "
+                f"remove {name}, or express it in sftkey_phases."
+            )
+
+
 def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
     """Raise ``ValueError`` with a message that says what to change for any inconsistent ``sftkey_*`` value.
 
@@ -277,6 +297,7 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
         raise ValueError("sftkey_key_weight and sftkey_other_weight cannot both be 0: nothing would be trained.")
     if args.sftkey_mode == "phases":
         _validate_phases(args)
+        _refuse_preset_settings(args)
     elif args.sftkey_phases is not None:
         raise ValueError(f"sftkey_phases is read in sftkey_mode: phases only, not {args.sftkey_mode}: set the mode.")
     if not isinstance(args.sftkey_finder_options, dict):

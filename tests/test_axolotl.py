@@ -69,6 +69,7 @@ def _base_config(tiny_dir: str, data: str, prepared: str, output_dir: str) -> di
 
 
 SFTKEY_ON = {"plugins": [PLUGIN], "sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_steps": 2}
+PHASES_ON = {"plugins": [PLUGIN], "sftkey": True, "sftkey_mode": "phases", "sftkey_phase_unit": "steps"}
 EVAL = {"val_set_size": 0.125, "eval_strategy": "steps", "eval_steps": 2}
 PACKED = {"sample_packing": True, "micro_batch_size": 2, "pad_to_sequence_len": True}
 RUNS = {
@@ -87,11 +88,10 @@ RUNS = {
     # an instruction-style dataset: marked by the trainer from Axolotl's own tokens
     "alpaca": {**SFTKEY_ON, "datasets": "ALPACA"},
     # "on" written as its phases preset, and a soft stage 2 reached linearly
-    "phases_two_stage": {**SFTKEY_ON, **EVAL, "sftkey_mode": "phases", "sftkey_phase_unit": "steps",
+    "phases_two_stage": {**PHASES_ON, **EVAL,
                          "sftkey_phases": [{"start": 0, "key_weight": 1, "other_weight": 1},
                                            {"start": 2, "key_weight": 1, "other_weight": 0}]},
-    "phases_soft": {**SFTKEY_ON, **EVAL, "sftkey_mode": "phases", "sftkey_phase_unit": "steps",
-                    "sftkey_phase_interpolation": "linear",
+    "phases_soft": {**PHASES_ON, **EVAL, "sftkey_phase_interpolation": "linear",
                     "sftkey_phases": [{"start": 0, "key_weight": 1, "other_weight": 1},
                                       {"start": 2, "key_weight": 2, "other_weight": 0.1}]},
 }  # fmt: skip

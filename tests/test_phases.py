@@ -75,6 +75,16 @@ def test_epoch_schedule_reads_the_epoch_counter():
         ({"sftkey_mode": "two_stage", "sftkey_phases": phases((0, 1, 1))}, "sftkey_mode: phases only"),
         ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_phase_unit": "minutes"},
          "sftkey_phase_unit must be one of"),
+        ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_stage2_steps": 5},
+         "sftkey_stage2_steps is not read in sftkey_mode: phases"),
+        ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_stage2_ratio": 0.8},
+         "sftkey_stage2_ratio is not read"),
+        ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_stage2_epoch": 1},
+         "sftkey_stage2_epoch is not read"),
+        ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_key_weight": 3.0},
+         "sftkey_key_weight is not read"),
+        ({"sftkey_mode": "phases", "sftkey_phases": phases((0, 1, 1)), "sftkey_other_weight": 0.5},
+         "sftkey_other_weight is not read"),
     ],
 )  # fmt: skip
 def test_invalid_phases_are_refused_with_what_to_change(values, message):
