@@ -36,33 +36,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sftkey_plugin.cli.demo import parse_arms
 from sftkey_plugin.cli.evaluate import paired_bootstrap
 
+# every arm of sftkey_plugin.cli.demo.ARM_LABELS but the key_only ablation
 ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
-
-
-def _phases(*rows: tuple[float, float, float], linear: bool = False) -> dict[str, Any]:
-    phases = [{"start": start, "key_weight": key, "other_weight": other} for start, key, other in rows]
-    return {
-        "sftkey_mode": "phases",
-        "sftkey_phases": phases,
-        "sftkey_phase_interpolation": "linear" if linear else "step",
-    }
-
-
-def arm_settings(arm: str, options: argparse.Namespace) -> tuple[dict[str, Any] | None, int]:
-    """The arm's ``sftkey_*`` settings (None: stock SFT) and its number of optimizer steps."""
-    ratio, steps = options.stage2_ratio, options.steps
-    return {
-        "sft_short": (None, round(ratio * steps)),
-        "sft_equal": (None, steps),
-        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": ratio}, steps),
-        "soft_stage2": (_phases((0, 1, 1), (ratio, 1, 0.1)), steps),
-        "weighted_x2": ({"sftkey_mode": "weighted", "sftkey_key_weight": 2.0}, steps),
-        "weighted_x3": ({"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}, steps),
-        "ramp": (_phases((0, 1, 1), (ratio, 3, 1), linear=True), steps),
-        "key_only": ({"sftkey_mode": "key_only"}, steps),
-    }[arm]
 
 
 def smollm2_init(folder: Path) -> Any:
@@ -89,7 +67,7 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
     """Train and score every arm for one task and seed; per-item correctness and format for each arm."""
     import torch
 
-    from sftkey_plugin.cli.demo import _quiet_libraries, make_splits, train_arm
+    from sftkey_plugin.cli.demo import _quiet_libraries, arm_settings, make_splits, train_arm
     from sftkey_plugin.cli.evaluate import evaluate_records
     from sftkey_plugin.tiny import build_model, build_tokenizer
 
@@ -111,15 +89,13 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
         )
     demo_args = argparse.Namespace(
         output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-        seed=seed, device=options.device,
+        seed=seed, device=options.device, stage2_ratio=options.stage2_ratio,
     )  # fmt: skip
     results = {}
     for arm in options.arms:
-        sftkey, steps = arm_settings(arm, options)
+        steps = arm_settings(arm, options.steps, options.stage2_ratio)[1]
         started = time.perf_counter()
-        model, _ = train_arm(
-            arm, demo_args, out / "init", tokenizer, train, lambda *a: None, sftkey, steps, peft_config
-        )
+        model, _ = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, peft_config)
         rows, summary = evaluate_records(model, tokenizer, test, batch_size=32, max_new_tokens=options.max_new_tokens)
         results[arm] = {
             "correct": [int(r["correct"]) for r in rows],
@@ -138,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="arithmetic,parity")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", type=parse_arms, default=list(ARMS), help="comma-separated; key_only also exists")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the equal-compute arms")
     parser.add_argument("--stage2-ratio", type=float, default=0.8, help="two_stage; also sft_short's share of steps")
     parser.add_argument("--train-size", type=int, default=2000)
@@ -156,7 +132,6 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="(task, seed) units trained in parallel processes")
     parser.add_argument("--json", help="write every per-item result and the summary here")
     options = parser.parse_args()
-    options.arms = options.arms.split(",")
     work = Path(tempfile.mkdtemp(prefix="sftkey-reproduce-"))
 
     units = [(task, int(seed)) for task in options.tasks.split(",") for seed in options.seeds.split(",")]

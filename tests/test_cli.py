@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,7 @@ from sftkey_plugin.cli.evaluate import (
     summarise,
 )
 from sftkey_plugin.cli.main import main
+from sftkey_plugin.config import SFTKeyArguments, validate_sftkey_arguments
 from sftkey_plugin.examples import arithmetic_records, tagged_response
 from sftkey_plugin.finders import match_key_spans
 
@@ -479,24 +482,53 @@ def test_demo_splits_hold_out_test_questions():
     assert all(r["prompt"][0]["content"].endswith("even or odd?") for r in parity)
 
 
-def test_demo_pipeline_small(tmp_path, capsys):
-    """The pipeline end to end; it draws its plot by default wherever matplotlib is installed (the README's first
-    command installs it)."""
+def test_demo_pipeline_small(tmp_path):
+    """The pipeline end to end, as a command: with --json its stdout is the JSON report alone, whatever the arms'
+    processes and the libraries print; it draws its plot by default wherever matplotlib is installed (the README's
+    first command installs it)."""
     out = tmp_path / "demo"
-    status = main(["demo", "--quick", "--steps", "4", "--output-dir", str(out), "--json"])
-    captured = capsys.readouterr()
-    report = json.loads(captured.out)
-    assert status == 0
+    command = "from sftkey_plugin.cli.main import main; raise SystemExit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--quick", "--steps", "4", "--output-dir", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
     assert report["steps"] == 4 and report["test_size"] == 16
-    for arm in ("sft", "sftkey"):
-        assert 0.0 <= report[arm]["accuracy"] <= 1.0 and report[arm]["examples"] == 16
+    arms = ["sft_equal", "two_stage", "weighted_x2"]  # the default: plain SFT, the paper, the study's variant
+    assert list(report["arms"]) == arms and report["baseline"] == "sft_equal"
+    for arm in arms:
+        assert 0.0 <= report["arms"][arm]["accuracy"] <= 1.0 and report["arms"][arm]["examples"] == 16
         assert len(load_records(out / f"{arm}.jsonl")) == 16
         assert (out / arm / "config.json").exists()
-    assert report["comparison"]["paired"] == 16
-    assert (out / "comparison.json").exists()
+    assert [(arm, c["paired"]) for arm, c in report["comparisons"].items()] == [("two_stage", 16), ("weighted_x2", 16)]
+    assert json.loads((out / "comparison.json").read_text()) == report["comparisons"]
     if importlib.util.find_spec("matplotlib") is None:
         assert report["plot"] is None
     else:
         assert report["plot"] == str(out / "demo.png") and (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    progress = captured.err  # with --json the progress goes to stderr
-    assert "[3/5] Training plain SFT" in progress and "[4/5] Training SFTKey" in progress
+    progress = done.stderr  # with --json the progress goes to stderr, the arms' processes' included
+    assert "[3/4] Training and evaluating 3 arm(s) side by side" in progress
+    assert "two_stage: SFTKey two_stage (the paper), 4 optimizer steps" in progress
+    assert "weighted_x2: SFTKey weighted (key x2), 4 optimizer steps" in progress
+    assert "SFTKey weighted: steps 1-4: key tokens x2, other tokens x1." in progress  # a worker's own log line
+    assert all(f"{arm}: accuracy " in progress for arm in arms)  # printed by each arm's process
+
+
+def test_demo_arms_are_the_study_arms_and_bad_names_are_refused(capsys):
+    from sftkey_plugin.cli.demo import ARM_LABELS, arm_settings
+
+    assert arm_settings("sft_short", 800, 0.8) == (None, 640) and arm_settings("sft_equal", 800, 0.8) == (None, 800)
+    assert arm_settings("two_stage", 800, 0.8) == ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": 0.8}, 800)
+    soft = arm_settings("soft_stage2", 800, 0.8)[0]
+    assert soft is not None and soft["sftkey_phases"][1] == {"start": 0.8, "key_weight": 1, "other_weight": 0.1}
+    for arm in ARM_LABELS:  # every arm's settings are a valid configuration
+        settings = arm_settings(arm, 800, 0.8)[0]
+        if settings is not None:
+            validate_sftkey_arguments(SFTKeyArguments(sftkey=True, **settings))
+    for bad in ("sft_equal,nope", "two_stage,two_stage", ","):
+        with pytest.raises(SystemExit):
+            main(["demo", "--arms", bad])
+        assert "give distinct arms from" in capsys.readouterr().err

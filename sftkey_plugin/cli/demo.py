@@ -1,8 +1,9 @@
 """``sftkey demo``: plain SFT against SFTKey on generated arithmetic, with a tiny model trained from scratch on CPU.
 
-Both arms start from the same random weights, see the same batches in the same order and run the same number of
-optimizer steps; SFTKey's stage 2 (loss on the key answer tokens only) takes the last part of those steps. Both
-are scored by ``sftkey eval``'s code on held-out questions that never occur in training.
+Every arm starts from the same random weights, sees the same batches in the same order and runs the same number of
+optimizer steps (``sft_short`` excepted); SFTKey's stage 2 (loss on the key answer tokens only) takes the last part
+of those steps. All are scored by ``sftkey eval``'s code on held-out questions that never occur in training. The
+arms are those of the equal-compute study (``benchmarks/reproduce.py``), which uses this module's training code.
 """
 
 from __future__ import annotations
@@ -11,18 +12,31 @@ import argparse
 import contextlib
 import json
 import logging
+import multiprocessing
 import random
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..examples import arithmetic_problem, tagged_response
 from .data import CLIError, save_records
 
-ARMS = ("sft", "sftkey")
+# name: (what it trains, as the demo prints it), the study's arms and the ablation key_only
+ARM_LABELS = {
+    "sft_short": "plain SFT for the stage-1 steps only",
+    "sft_equal": "plain SFT",
+    "two_stage": "SFTKey two_stage (the paper)",
+    "soft_stage2": "SFTKey soft stage 2 (other tokens x0.1)",
+    "weighted_x2": "SFTKey weighted (key x2)",
+    "weighted_x3": "SFTKey weighted (key x3)",
+    "ramp": "SFTKey ramp (key weight 1 to 3)",
+    "key_only": "SFTKey key_only",
+}
+DEMO_ARMS = "sft_equal,two_stage,weighted_x2"
 LETTERS = "ABCD"
 PARITY = ("even", "odd")
 
@@ -33,10 +47,15 @@ def add_parser(subparsers: Any) -> None:
         "demo",
         help="train a tiny model with plain SFT and with SFTKey on this CPU and compare them (< 10 min)",
         description="Generate chain-of-thought arithmetic in the paper's <Thinking>/<Answer> format, train a tiny "
-        "Llama from scratch twice for the same number of optimizer steps (plain SFT; SFTKey two_stage), evaluate "
-        "both on held-out questions and print accuracy, format accuracy and a paired bootstrap CI on the difference. "
-        "Writes data, models, per-example results and (with matplotlib) demo.png to --output-dir.",
-        epilog="Task 'arithmetic': the answer repeats the last reasoning line. Task 'choice': the question lists "
+        "Llama from scratch once per arm for the same number of optimizer steps (by default plain SFT, the paper's "
+        "two_stage and a constant key weight of 2, the one variant of the equal-compute study that was not worse "
+        "than plain SFT on either task), "
+        "evaluate each on held-out questions and print accuracy, format accuracy and a paired bootstrap CI on each "
+        "arm's difference from the first. Writes data, models, per-example results and (with matplotlib) demo.png "
+        "to --output-dir.",
+        epilog="Arms: "
+        + "; ".join(f"{name}: {label}" for name, label in ARM_LABELS.items())
+        + ". Task 'arithmetic': the answer repeats the last reasoning line. Task 'choice': the question lists "
         "four options and the answer is the letter of the computed value, so the answer tokens hold a step the "
         "reasoning does not. Task 'parity': the answer is whether the computed value is even or odd, likewise.",
     )
@@ -50,16 +69,22 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--digits", type=int, default=1, help="digits per number (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--sftkey-mode", default="two_stage", choices=["two_stage", "key_only", "weighted"])
+    parser.add_argument(
+        "--arms",
+        type=parse_arms,
+        default=parse_arms(DEMO_ARMS),
+        help=f"comma-separated arms to train, the first is the baseline the others are compared with (default "
+        f"{DEMO_ARMS}; all: {','.join(ARM_LABELS)})",
+    )
     parser.add_argument(
         "--stage2-ratio",
         type=float,
         default=0.8,
-        help="two_stage: share of the steps before stage 2 starts (default 0.8: the paper starts stage 2 once stage "
-        "1 has converged, which takes this tiny model about 80%% of the run; the plugin's own default, 0.5, starts "
-        "stage 2 while the reasoning is still being learnt)",
+        help="share of the steps before two_stage's stage 2, soft_stage2's soft stage 2 and the end of ramp's ramp, "
+        "and sft_short's share of the steps (default 0.8: the paper starts stage 2 once stage 1 has converged, which "
+        "takes this tiny model about 80%% of the run; the plugin's own default, 0.5, starts stage 2 while the "
+        "reasoning is still being learnt)",
     )
-    parser.add_argument("--key-weight", type=float, default=2.0, help="weighted mode: weight of key tokens")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -79,6 +104,38 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     parser.add_argument("--json", action="store_true", help="print the final results as one JSON object")
     parser.set_defaults(func=run)
+
+
+def parse_arms(value: str) -> list[str]:
+    """``--arms``: known names, at least one, none twice."""
+    arms = [arm.strip() for arm in value.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARM_LABELS]
+    if unknown or not arms or len(set(arms)) < len(arms):
+        raise argparse.ArgumentTypeError(f"{value!r}: give distinct arms from {','.join(ARM_LABELS)}")
+    return arms
+
+
+def _phases(*rows: tuple[float, float, float], linear: bool = False) -> dict[str, Any]:
+    phases = [{"start": start, "key_weight": key, "other_weight": other} for start, key, other in rows]
+    return {
+        "sftkey_mode": "phases",
+        "sftkey_phases": phases,
+        "sftkey_phase_interpolation": "linear" if linear else "step",
+    }
+
+
+def arm_settings(arm: str, steps: int, ratio: float) -> tuple[dict[str, Any] | None, int]:
+    """The arm's ``sftkey_*`` settings (None: stock ``SFTTrainer``) and its number of optimizer steps."""
+    return {
+        "sft_short": (None, round(ratio * steps)),
+        "sft_equal": (None, steps),
+        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": ratio}, steps),
+        "soft_stage2": (_phases((0, 1, 1), (ratio, 1, 0.1)), steps),
+        "weighted_x2": ({"sftkey_mode": "weighted", "sftkey_key_weight": 2.0}, steps),
+        "weighted_x3": ({"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}, steps),
+        "ramp": (_phases((0, 1, 1), (ratio, 3, 1), linear=True), steps),
+        "key_only": ({"sftkey_mode": "key_only"}, steps),
+    }[arm]
 
 
 def choice_problem(rng: random.Random, terms: int, digits: int) -> tuple[str, str, str, str]:
@@ -152,29 +209,15 @@ def _quiet_libraries() -> None:
 
 
 def _progress_callback(name: str, say: Callable[..., None]) -> Any:
-    """A callback with a tqdm bar on a terminal, else a line every tenth of the run."""
-    from tqdm.auto import tqdm
+    """A callback printing the loss every tenth of the run (the arms train side by side: no progress bars)."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            self.bar = tqdm(total=state.max_steps, desc=f"  training {name}", unit="step", disable=None)
-            self.every = max(1, state.max_steps // 10)
-
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            self.bar.update(1)
-
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             logs = logs or {}
-            if "loss" not in logs:
-                return
-            stage = f" stage {int(logs['sftkey/stage'])}" if "sftkey/stage" in logs else ""
-            self.bar.set_postfix_str(f"loss {logs['loss']:.3f}{stage}")
-            if self.bar.disable and state.global_step % self.every == 0:
+            if "loss" in logs and state.global_step % max(1, state.max_steps // 10) == 0:
+                stage = f" stage {int(logs['sftkey/stage'])}" if "sftkey/stage" in logs else ""
                 say(f"    {name} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.3f}{stage}")
-
-        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            self.bar.close()
 
     return Progress()
 
@@ -186,21 +229,13 @@ def train_arm(
     tokenizer: Any,
     train: list,
     say: Callable[..., None],
-    sftkey: dict[str, Any] | None = None,
-    steps: int | None = None,
     peft_config: Any = None,
 ) -> tuple[Any, list]:
-    """Train one arm from the shared initial weights; returns the model and its log history.
+    """Train one arm (``arm_settings``) from the shared initial weights; returns the model and its log history.
 
-    ``sftkey``: the arm's ``sftkey_*`` settings (None: stock ``trl.SFTTrainer``); by default the demo's own, for the
-    arm named ``sftkey``. ``steps`` defaults to ``args.steps``; ``peft_config`` trains a PEFT adapter instead.
+    Stock ``trl.SFTTrainer`` for the plain arms; ``peft_config`` trains a PEFT adapter instead of the whole model.
     """
-    if sftkey is None and arm == "sftkey":
-        sftkey = {
-            "sftkey_mode": args.sftkey_mode,
-            "sftkey_stage2_ratio": args.stage2_ratio,
-            "sftkey_key_weight": args.key_weight,
-        }
+    sftkey, steps = arm_settings(arm, args.steps, args.stage2_ratio)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PrinterCallback
@@ -213,19 +248,20 @@ def train_arm(
         output_dir=str(Path(args.output_dir) / arm),
         sftkey=sftkey is not None,
         **(sftkey or {}),
-        max_steps=steps or args.steps,
+        max_steps=steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, (steps or args.steps) // 20),
+        warmup_steps=max(1, steps // 20),
         weight_decay=0.0,
-        logging_steps=max(1, (steps or args.steps) // 40),
+        logging_steps=max(1, steps // 40),
         save_strategy="no",
         report_to=[],
         seed=args.seed,
         data_seed=args.seed,
         bf16=False,
         gradient_checkpointing=False,  # TRL 1.16 turns both on by default, CPU included
+        loss_type="nll",  # every arm the same loss on every trl: 1.9's default chunked_nll has no per-token losses
         use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -244,6 +280,10 @@ def train_arm(
     trainer.train()
     trainer.save_model(str(Path(args.output_dir) / arm))
     return model, trainer.state.log_history
+
+
+def _say(*parts: Any) -> None:
+    print(*parts, flush=True)
 
 
 def _apply_quick(args: argparse.Namespace) -> None:
@@ -267,104 +307,120 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Data, tokenizer, shared initial weights, two trainings, two evaluations, comparison, plot: the report."""
+    """Data, tokenizer, shared initial weights, one training and evaluation per arm, comparisons, plot: the report."""
     _apply_quick(args)
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    def say(*parts: Any) -> None:
-        print(*parts, flush=True)
-
-    say(
-        f"[1/5] Generating {args.train_size} training and {args.test_size} held-out {args.task} questions "
+    _say(
+        f"[1/4] Generating {args.train_size} training and {args.test_size} held-out {args.task} questions "
         f"({args.terms} numbers of {args.digits} digit(s))"
     )
     train, test = make_splits(args.task, args.train_size, args.test_size, args.terms, args.digits, args.seed)
     save_records(train, out / "train.jsonl")
     save_records(test, out / "test.jsonl")
-    say(f"      example: {train[0]['prompt'][0]['content']!r} -> {train[0]['completion'][0]['content']!r}")
+    _say(f"      example: {train[0]['prompt'][0]['content']!r} -> {train[0]['completion'][0]['content']!r}")
 
-    say("[2/5] Building a tokenizer (digits split) and a tiny random Llama (loading the training libraries)")
-    import torch
-
+    _say("[2/4] Building a tokenizer (digits split) and a tiny random Llama")
     from ..tiny import build_model, build_tokenizer
-    from .evaluate import compare_results, evaluate_records, write_results
+    from .evaluate import compare_results
 
-    _quiet_libraries()
-    torch.set_num_threads(args.threads)
     texts = [r["prompt"][0]["content"] + "\n" + r["completion"][0]["content"] for r in train]
     tokenizer = build_tokenizer(str(out / "init"), vocab_size=300, texts=texts, split_digits=True)
     model = build_model(
         str(out / "init"), len(tokenizer), seed=args.seed, hidden_size=args.hidden_size, layers=args.layers
     )
-    say(f"      {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
+    _say(f"      {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
 
-    results: dict[str, Any] = {}
-    histories: dict[str, list] = {}
-    for number, arm in enumerate(ARMS, 3):
-        label = "plain SFT" if arm == "sft" else f"SFTKey ({args.sftkey_mode})"
-        say(f"[{number}/5] Training {label} for {args.steps} optimizer steps, then evaluating")
-        arm_started = time.perf_counter()
-        trained, histories[arm] = train_arm(arm, args, out / "init", tokenizer, train, say)
-        train_seconds = time.perf_counter() - arm_started
-        rows, summary = evaluate_records(trained, tokenizer, test, batch_size=64, max_new_tokens=64)
-        summary.update(train_seconds=round(train_seconds, 1), steps=args.steps)
-        write_results(rows, summary, str(out / f"{arm}.jsonl"), str(out / f"{arm}.summary.json"))
-        results[arm] = {"summary": summary, "rows": rows}
-        say(
-            f"      {label}: accuracy {summary['accuracy']:.3f}, format accuracy {summary['format_accuracy']:.3f} "
-            f"(trained in {train_seconds:.0f} s)"
-        )
+    _say(f"[3/4] Training and evaluating {len(args.arms)} arm(s) side by side, one process each:")
+    for arm in args.arms:
+        steps = arm_settings(arm, args.steps, args.stage2_ratio)[1]
+        _say(f"      {arm}: {ARM_LABELS[arm]}, {steps} optimizer steps")
+    # spawned processes: each arm trains as it would alone (same seed, weights and batches), on its own core
+    with ProcessPoolExecutor(len(args.arms), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {arm: pool.submit(_train_and_score, arm, args, train, test) for arm in args.arms}
+        results = {arm: future.result() for arm, future in futures.items()}
 
-    say("[5/5] Comparing (A = plain SFT, B = SFTKey)")
-    comparison = compare_results(results["sft"]["rows"], results["sftkey"]["rows"], seed=args.seed)
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
+    baseline, others = args.arms[0], args.arms[1:]
+    _say(f"[4/4] Comparing each arm with {baseline}, paired per question")
+    comparisons = {
+        arm: compare_results(results[baseline]["rows"], results[arm]["rows"], seed=args.seed) for arm in others
+    }
+    (out / "comparison.json").write_text(json.dumps(comparisons, indent=1) + "\n", encoding="utf-8")
+    histories = {arm: result["history"] for arm, result in results.items()}
     plot = write_plot(out / "demo.png", histories, results, args) if not args.no_plot else None
-    wall = time.perf_counter() - started
-    report = {
+    return {
         "task": args.task,
         "steps": args.steps,
         "train_size": len(train),
         "test_size": len(test),
-        "sft": results["sft"]["summary"],
-        "sftkey": results["sftkey"]["summary"],
-        "comparison": comparison,
+        "baseline": baseline,
+        "arms": {arm: results[arm]["summary"] for arm in args.arms},
+        "comparisons": comparisons,
         "plot": plot,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
         "output_dir": str(out),
     }
-    return report
+
+
+def _train_and_score(arm: str, args: argparse.Namespace, train: list, test: list) -> dict[str, Any]:
+    """In a worker process: train one arm, score it on the test questions, write its results; summary, rows, log."""
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        import torch
+        from transformers import AutoTokenizer
+
+        from .evaluate import evaluate_records, write_results
+
+        _quiet_libraries()
+        torch.set_num_threads(args.threads)
+        out = Path(args.output_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "init"))
+        started = time.perf_counter()
+        trained, history = train_arm(
+            arm, args, out / "init", tokenizer, train, lambda *parts: print(*parts, flush=True)
+        )
+        train_seconds = time.perf_counter() - started
+        rows, summary = evaluate_records(trained, tokenizer, test, batch_size=64, max_new_tokens=64)
+        summary.update(train_seconds=round(train_seconds, 1), steps=arm_settings(arm, args.steps, args.stage2_ratio)[1])
+        write_results(rows, summary, str(out / f"{arm}.jsonl"), str(out / f"{arm}.summary.json"))
+        print(
+            f"      {arm}: accuracy {summary['accuracy']:.3f}, format accuracy {summary['format_accuracy']:.3f} "
+            f"(trained in {train_seconds:.0f} s)",
+            flush=True,
+        )
+    return {"summary": summary, "rows": rows, "history": history}
 
 
 def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """The comparison table, a verdict and where everything is."""
+    """Each arm's comparison table with the baseline, a verdict and where everything is."""
     from .evaluate import format_comparison
 
-    comparison, out = report["comparison"], report["output_dir"]
-    print(format_comparison(comparison, "plain SFT", "SFTKey"))
-    print(_verdict(comparison))
+    baseline, out = report["baseline"], report["output_dir"]
+    for arm, comparison in report["comparisons"].items():
+        print(format_comparison(comparison, baseline, arm))
+        print(_verdict(comparison, arm, baseline))
     if report["plot"]:
         print(f"  plot: {report['plot']}")
     elif not args.no_plot:
         print("  (no plot: matplotlib is not installed; pip install matplotlib to get demo.png)")
-    print(f"  re-score a model: sftkey eval {out}/sftkey {out}/test.jsonl -o sftkey.jsonl")
+    arm = args.arms[-1]
+    print(f"  re-score a model: sftkey eval {out}/{arm} {out}/test.jsonl -o {arm}.jsonl")
     print(f"  everything is in {out}/ ; total time {report['wall_seconds'] / 60:.1f} min")
 
 
-def _verdict(comparison: dict[str, Any]) -> str:
+def _verdict(comparison: dict[str, Any], arm: str, baseline: str) -> str:
     """One honest sentence on what this run shows."""
     low, high = comparison["accuracy"]["ci"]
     diff = comparison["accuracy"]["difference"]
     if low > 0:
-        return f"  On this run SFTKey beat plain SFT by {100 * diff:.1f} accuracy points at equal steps."
+        return f"  On this run {arm} beat {baseline} by {100 * diff:.1f} accuracy points."
     if high < 0:
-        return f"  On this run SFTKey was worse than plain SFT by {-100 * diff:.1f} accuracy points at equal steps."
-    return "  On this run the two are not distinguishable; try more --steps or another --seed."
+        return f"  On this run {arm} was worse than {baseline} by {-100 * diff:.1f} accuracy points."
+    return f"  On this run {arm} and {baseline} are not distinguishable; try more --steps or another --seed."
 
 
 def write_plot(path: Path, histories: dict[str, list], results: dict[str, Any], args: argparse.Namespace) -> str | None:
-    """Loss curves of both arms and their accuracies as a PNG; None when matplotlib is not importable."""
+    """Loss curves of every arm and their accuracies as a PNG; None when matplotlib is not importable."""
     try:
         import matplotlib
 
@@ -375,7 +431,7 @@ def write_plot(path: Path, histories: dict[str, list], results: dict[str, Any], 
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, history in histories.items():
         logged = [entry for entry in history if "loss" in entry]
-        note = " (stage 2: key tokens only)" if arm == "sftkey" and args.sftkey_mode == "two_stage" else ""
+        note = " (stage 2: key tokens only)" if arm == "two_stage" else ""
         curves.plot([e["step"] for e in logged], [e["loss"] for e in logged], label=f"{arm} training loss{note}")
         keyed = [entry for entry in history if "sftkey/key_loss" in entry]
         if keyed:
@@ -385,8 +441,8 @@ def write_plot(path: Path, histories: dict[str, list], results: dict[str, Any], 
                 "--",
                 label=f"{arm} key-token loss",
             )
-    if args.sftkey_mode == "two_stage":
-        curves.axvline(args.steps * args.stage2_ratio, color="grey", linestyle=":", label="SFTKey stage 2 starts")
+    if "two_stage" in histories:
+        curves.axvline(args.steps * args.stage2_ratio, color="grey", linestyle=":", label="two_stage: stage 2 starts")
     curves.set(xlabel="optimizer step", ylabel="loss", yscale="log", title="training loss")
     curves.legend(fontsize=8)
     names = list(results)
