@@ -36,11 +36,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sftkey_plugin.cli.demo import parse_arms
+from sftkey_plugin.cli.demo import ARM_LABELS, parse_arms
 from sftkey_plugin.cli.evaluate import paired_bootstrap
 
-# every arm of sftkey_plugin.cli.demo.ARM_LABELS but the key_only ablation
-ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
+ARMS = tuple(arm for arm in ARM_LABELS if arm != "key_only")  # the ablation runs only when asked for
 
 
 def smollm2_init(folder: Path) -> Any:

@@ -376,9 +376,7 @@ def _train_and_score(arm: str, args: argparse.Namespace, train: list, test: list
         out = Path(args.output_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(out / "init"))
         started = time.perf_counter()
-        trained, history = train_arm(
-            arm, args, out / "init", tokenizer, train, lambda *parts: print(*parts, flush=True)
-        )
+        trained, history = train_arm(arm, args, out / "init", tokenizer, train, _say)
         train_seconds = time.perf_counter() - started
         rows, summary = evaluate_records(trained, tokenizer, test, batch_size=64, max_new_tokens=64)
         summary.update(train_seconds=round(train_seconds, 1), steps=arm_settings(arm, args.steps, args.stage2_ratio)[1])
