@@ -37,9 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from sftkey_plugin.cli.demo import ARM_LABELS, parse_arms
-from sftkey_plugin.cli.evaluate import paired_bootstrap
 
-ARMS = tuple(arm for arm in ARM_LABELS if arm != "key_only")  # the ablation runs only when asked for
+# the seven schedules of the weight-schedule study; key_only and the controls run only when asked for
+ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
+# a parity seed "learnt the task" at or above 0.65: midway between chance (0.5) and plain SFT's best seed in the
+# first three-seed run (0.81), rounded down; fixed on 2026-12-02, before seeds 3-7 ran
+LEARNT = "parity=0.65"
 
 
 def smollm2_init(folder: Path) -> Any:
@@ -62,18 +65,36 @@ def smollm2_init(folder: Path) -> Any:
     return tokenizer
 
 
-def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Train and score every arm for one task and seed; per-item correctness and format for each arm."""
+SETTINGS_READ = (
+    "steps", "stage2_ratio", "train_size", "test_size", "terms", "digits", "model", "max_new_tokens", "batch_size",
+    "learning_rate", "hidden_size", "layers",
+)  # fmt: skip  # what a unit's result depends on; results made with other values are not compared
+
+
+def unit_path(out_dir: Path, task: str, seed: int, arm: str) -> Path:
+    return out_dir / f"{task}-seed{seed}-{arm}.json"
+
+
+def run_unit(task: str, seed: int, arm: str, options: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train and score one arm for one task and seed (from that seed's data and initial weights): its per-question
+    correctness and format, written to ``--out-dir`` as soon as it is done."""
     import torch
 
-    from sftkey_plugin.cli.demo import _quiet_libraries, arm_settings, make_splits, train_arm
+    from sftkey_plugin.cli.demo import (
+        LOSS_SCALED_RATES,
+        _quiet_libraries,
+        key_loss_scale,
+        make_splits,
+        plan_of,
+        train_arm,
+    )
     from sftkey_plugin.cli.evaluate import evaluate_records
     from sftkey_plugin.tiny import build_model, build_tokenizer
 
     _quiet_libraries()
     torch.set_num_threads(options.threads)
     train, test = make_splits(task, options.train_size, options.test_size, options.terms, options.digits, seed)
-    out = work / f"{task}-seed{seed}"
+    out = work / f"{task}-seed{seed}-{arm}"
     peft_config = None
     if options.model == "smollm2":
         from peft import LoraConfig
@@ -88,32 +109,124 @@ def run_task(task: str, seed: int, options: argparse.Namespace, work: Path) -> d
         )
     demo_args = argparse.Namespace(
         output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-        seed=seed, device=options.device, stage2_ratio=options.stage2_ratio,
+        seed=seed, device=options.device, stage2_ratio=options.stage2_ratio, key_loss_scale=1.0,
     )  # fmt: skip
-    results = {}
-    for arm in options.arms:
-        steps = arm_settings(arm, options.steps, options.stage2_ratio)[1]
-        started = time.perf_counter()
-        model, _ = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, peft_config)
-        rows, summary = evaluate_records(model, tokenizer, test, batch_size=32, max_new_tokens=options.max_new_tokens)
-        results[arm] = {
-            "correct": [int(r["correct"]) for r in rows],
-            "format": [int(r["format_ok"]) for r in rows],
-            "accuracy": summary["accuracy"],
-            "format_accuracy": summary["format_accuracy"],
-            "steps": steps,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        print(f"{task:>10} seed {seed} {arm:<11} accuracy {summary['accuracy']:.3f} format "
-              f"{summary['format_accuracy']:.3f} ({results[arm]['seconds']:.0f} s)", flush=True)  # fmt: skip
-    return results
+    if arm in LOSS_SCALED_RATES:
+        demo_args.key_loss_scale = key_loss_scale(demo_args, out / "init", tokenizer, train)
+    plan = plan_of(arm, demo_args)
+    started = time.perf_counter()
+    model, history = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, peft_config)
+    rows, summary = evaluate_records(model, tokenizer, test, batch_size=32, max_new_tokens=options.max_new_tokens)
+    grad_norms = [entry["grad_norm"] for entry in history if "grad_norm" in entry]
+    result = {
+        "task": task, "seed": seed, "arm": arm, "settings": {k: getattr(options, k) for k in SETTINGS_READ},
+        "correct": [int(r["correct"]) for r in rows], "format": [int(r["format_ok"]) for r in rows],
+        "accuracy": summary["accuracy"], "format_accuracy": summary["format_accuracy"], "steps": plan.steps,
+        "learning_rate": options.learning_rate * plan.learning_rate_scale, "key_loss_scale": demo_args.key_loss_scale,
+        "grad_norm_mean": statistics.fmean(grad_norms) if grad_norms else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    unit_path(Path(options.out_dir), task, seed, arm).write_text(json.dumps(result) + "\n")
+    print(f"{task:>10} seed {seed} {arm:<16} accuracy {summary['accuracy']:.3f} format "
+          f"{summary['format_accuracy']:.3f} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return result
+
+
+def read_units(paths: list[Path]) -> list[dict[str, Any]]:
+    """Unit results from per-unit files (``--out-dir``) or from whole-run JSON files of earlier versions (``runs``),
+    each with its settings; the same (task, seed, arm) twice must hold the same answers."""
+    units: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "runs" in data:  # one file for the whole run: its settings hold for every unit
+            settings = {k: data["settings"][k] for k in SETTINGS_READ}
+            found = [
+                {**result, "task": name.split("/")[0], "seed": int(name.split("seed")[1]), "arm": arm,
+                 "settings": settings}
+                for name, arms in data["runs"].items() for arm, result in arms.items()
+            ]  # fmt: skip
+        else:
+            found = [data]
+        for unit in found:
+            key = (unit["task"], unit["seed"], unit["arm"])
+            if key in units and units[key]["correct"] != unit["correct"]:
+                raise SystemExit(f"{path}: {key} differs from an earlier file's result for it")
+            units[key] = unit
+    return list(units.values())
+
+
+def summarise(units: list[dict[str, Any]], baseline: str, thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """Per task and arm: accuracy per seed and, against ``baseline`` on the seeds both have, the seed-level
+    comparison (``seed_stats.seed_level_comparison``)."""
+    from sftkey_plugin.cli.seed_stats import seed_level_comparison
+
+    rows = []
+    for task in sorted({u["task"] for u in units}):
+        mine = [u for u in units if u["task"] == task]
+        settings = {json.dumps(u["settings"], sort_keys=True) for u in mine}
+        if len(settings) > 1:
+            raise SystemExit(f"{task}: results made with different settings, not comparable: {sorted(settings)}")
+        arms = sorted({u["arm"] for u in mine}, key=lambda arm: (arm != baseline, list(ARM_LABELS).index(arm)))
+        correct = {arm: {u["seed"]: u["correct"] for u in mine if u["arm"] == arm} for arm in arms}
+        threshold = thresholds.get(task)
+        for arm in arms:
+            own = [u for u in mine if u["arm"] == arm]
+            by_seed = [sum(correct[arm][s]) / len(correct[arm][s]) for s in sorted(correct[arm])]
+            grad_norms = [u["grad_norm_mean"] for u in own if u.get("grad_norm_mean") is not None]
+            row: dict[str, Any] = {
+                "task": task,
+                "arm": arm,
+                "steps": own[0]["steps"],
+                "learning_rate": own[0].get("learning_rate"),
+                "seeds": sorted(correct[arm]),
+                "accuracy_by_seed": by_seed,
+                "learnt": None if threshold is None else sum(a >= threshold for a in by_seed),
+                "grad_norm_mean": statistics.fmean(grad_norms) if grad_norms else None,
+            }
+            row["accuracy"] = statistics.fmean(row["accuracy_by_seed"])
+            if arm != baseline and baseline in correct:
+                row["vs_baseline"] = seed_level_comparison(correct[baseline], correct[arm], threshold)
+            rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]], baseline: str) -> None:
+    print(f"\n{'task':<11}{'arm':<17}{'steps':>6}{'lr':>9}{'mean':>7}  learnt  by seed")
+    for row in rows:
+        seeds = " ".join(f"{a:.2f}" for a in row["accuracy_by_seed"])
+        rate = f"{row['learning_rate']:.2g}" if row["learning_rate"] else "?"
+        learnt = "" if row["learnt"] is None else f"{row['learnt']}/{len(row['seeds'])}"
+        print(
+            f"{row['task']:<11}{row['arm']:<17}{row['steps']:>6}{rate:>9}{row['accuracy']:>7.3f}  {learnt:<6}  {seeds}"
+        )
+    print(f"\nvs {baseline} on the seeds both have: mean difference [95% CI: seeds, then questions, resampled], "
+          "the same pooled over questions only, Fisher's exact p on the seeds that learnt")  # fmt: skip
+    for row in rows:
+        if "vs_baseline" in row:
+            c = row["vs_baseline"]
+            (d, lo, hi), (_, plo, phi) = c["difference"], c["pooled_questions"]
+            learnt = (
+                ""
+                if c["threshold"] is None
+                else (
+                    f"   learnt {c['other_learnt']}/{len(c['seeds'])} vs {c['base_learnt']}/{len(c['seeds'])}"
+                    f" (>= {c['threshold']:.3f}), p = {c['fisher_p']:.3f}"
+                )
+            )
+            print(f"{row['task']:<11}{row['arm']:<17}{d:+.3f} [{lo:+.3f}, {hi:+.3f}]   pooled [{plo:+.3f}, {phi:+.3f}]"
+                  f"{learnt}")  # fmt: skip
+
+
+def parse_thresholds(value: str) -> dict[str, float]:
+    """``task=accuracy,...``: the accuracy at or above which a seed counts as having learnt the task."""
+    return {task: float(level) for task, level in (item.split("=") for item in value.split(",") if item)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="arithmetic,parity")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--arms", type=parse_arms, default=list(ARMS), help="comma-separated; key_only also exists")
+    parser.add_argument("--arms", type=parse_arms, default=list(ARMS), help=f"from {','.join(ARM_LABELS)}")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps of the equal-compute arms")
     parser.add_argument("--stage2-ratio", type=float, default=0.8, help="two_stage; also sft_short's share of steps")
     parser.add_argument("--train-size", type=int, default=2000)
@@ -128,45 +241,42 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU where torch sees one")
-    parser.add_argument("--jobs", type=int, default=1, help="(task, seed) units trained in parallel processes")
-    parser.add_argument("--json", help="write every per-item result and the summary here")
+    parser.add_argument("--jobs", type=int, default=1, help="(task, seed, arm) units trained in parallel processes")
+    parser.add_argument("--out-dir", help="one result file per unit; units whose file exists are not run again")
+    parser.add_argument("--baseline", default="sft_equal", help="the arm every other is compared with")
+    parser.add_argument(
+        "--learnt",
+        type=parse_thresholds,
+        default=parse_thresholds(LEARNT),
+        help=f"task=accuracy,...: a seed at or above it has learnt the task (default {LEARNT}, fixed before the "
+        "seeds it judges were run)",
+    )
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="FILE", help="train nothing: compare the units "
+                        "in these files (per-unit files, or whole-run JSON files of earlier versions)")  # fmt: skip
+    parser.add_argument("--json", help="write the summary (and, after a run, every unit) here")
     options = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sftkey-reproduce-"))
 
-    units = [(task, int(seed)) for task in options.tasks.split(",") for seed in options.seeds.split(",")]
-    # spawn: each unit runs in a fresh interpreter, as it would alone, whatever ran before it in that worker
-    with ProcessPoolExecutor(options.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {unit: pool.submit(run_task, *unit, options, work) for unit in units}
-        runs = {unit: future.result() for unit, future in futures.items()}
-    summary = []
-    for task in options.tasks.split(","):
-        per_seed = [runs[key] for key in runs if key[0] == task]
-        for arm in options.arms:
-            row = {
-                "task": task,
-                "arm": arm,
-                "steps": per_seed[0][arm]["steps"],
-                "accuracy": statistics.fmean(r[arm]["accuracy"] for r in per_seed),
-                "accuracy_by_seed": [r[arm]["accuracy"] for r in per_seed],
-                "format_accuracy": statistics.fmean(r[arm]["format_accuracy"] for r in per_seed),
-            }
-            if arm != "sft_equal" and "sft_equal" in options.arms:
-                base = [c for r in per_seed for c in r["sft_equal"]["correct"]]
-                mine = [c for r in per_seed for c in r[arm]["correct"]]
-                row["diff_vs_sft_equal"] = paired_bootstrap(base, mine)  # sftkey eval --compare's, 95%
-            summary.append(row)
-    print(f"\n{'task':<11}{'arm':<13}{'steps':>6}{'accuracy':>10}{'by seed':>22}{'format':>8}  vs sft_equal [95% CI]")
-    for row in summary:
-        diff = row.get("diff_vs_sft_equal")
-        versus = f"  {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else ""
-        seeds = " ".join(f"{a:.2f}" for a in row["accuracy_by_seed"])
-        print(f"{row['task']:<11}{row['arm']:<13}{row['steps']:>6}{row['accuracy']:>10.3f}{seeds:>22}"
-              f"{row['format_accuracy']:>8.3f}{versus}")  # fmt: skip
+    if options.summarise:
+        units = read_units(options.summarise)
+    else:
+        out_dir = Path(options.out_dir or tempfile.mkdtemp(prefix="sftkey-reproduce-results-"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        options.out_dir = str(out_dir)
+        work = Path(tempfile.mkdtemp(prefix="sftkey-reproduce-"))
+        wanted = [(task, int(seed), arm) for arm in options.arms for task in options.tasks.split(",")
+                  for seed in options.seeds.split(",")]  # fmt: skip
+        todo = [unit for unit in wanted if not unit_path(out_dir, *unit).exists()]
+        print(f"{len(todo)} of {len(wanted)} units to run; results in {out_dir}", flush=True)
+        # spawn: each unit runs in a fresh interpreter, as it would alone, whatever ran before it in that worker
+        with ProcessPoolExecutor(options.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(run_unit, *unit, options, work) for unit in todo]:
+                future.result()
+        units = read_units([unit_path(out_dir, *unit) for unit in wanted])
+    rows = summarise(units, options.baseline, options.learnt)
+    print_summary(rows, options.baseline)
     if options.json:
-        Path(options.json).write_text(json.dumps({
-            "settings": {k: v for k, v in vars(options).items()}, "summary": summary,
-            "runs": {f"{t}/seed{s}": r for (t, s), r in runs.items()},
-        }, indent=1))  # fmt: skip
+        Path(options.json).write_text(json.dumps({"settings": vars(options), "summary": rows, "units": units},
+                                                 indent=1, default=str))  # fmt: skip
     sys.exit(0)
 
 

@@ -520,10 +520,21 @@ def test_demo_pipeline_small(tmp_path):
 def test_demo_arms_are_the_study_arms_and_bad_names_are_refused(capsys):
     from sftkey_plugin.cli.demo import ARM_LABELS, arm_settings
 
-    assert arm_settings("sft_short", 800, 0.8) == (None, 640) and arm_settings("sft_equal", 800, 0.8) == (None, 800)
-    assert arm_settings("two_stage", 800, 0.8) == ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": 0.8}, 800)
+    assert arm_settings("sft_short", 800, 0.8) == (None, 640, 1.0)
+    assert arm_settings("sft_equal", 800, 0.8) == (None, 800, 1.0)
+    # sft_short ends where two_stage's stage 2 starts, rounded the same way (up)
+    assert arm_settings("sft_short", 5, 0.5).steps == 3 and arm_settings("sft_short", 7, 0.5).steps == 4
+    assert arm_settings("two_stage", 800, 0.8) == ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": 0.8}, 800, 1.0)
     soft = arm_settings("soft_stage2", 800, 0.8)[0]
     assert soft is not None and soft["sftkey_phases"][1] == {"start": 0.8, "key_weight": 1, "other_weight": 0.1}
+    # the study's controls: x3 at plain SFT's loss scale, plain SFT at x3's loss scale (and x2 either side), longer
+    assert arm_settings("weighted_x3_mean", 800, 0.8).sftkey == {
+        "sftkey_mode": "weighted", "sftkey_key_weight": 3.0, "sftkey_normalize": "weights"
+    }  # fmt: skip
+    rates = [arm_settings(arm, 800, 0.8, loss_scale=1.4) for arm in ("sft_lr_low", "sft_lr_matched", "sft_lr_high")]
+    assert [plan.learning_rate_scale for plan in rates] == [0.7, 1.4, 2.8] and {plan.sftkey for plan in rates} == {None}
+    assert arm_settings("sft_steps_1.5x", 800, 0.8) == (None, 1200, 1.0)
+    assert arm_settings("sft_steps_2x", 800, 0.8) == (None, 1600, 1.0)
     for arm in ARM_LABELS:  # every arm's settings are a valid configuration
         settings = arm_settings(arm, 800, 0.8)[0]
         if settings is not None:

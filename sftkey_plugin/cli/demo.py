@@ -20,9 +20,10 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..examples import arithmetic_problem, tagged_response
+from ..schedule import stage2_start_step
 from .data import CLIError, save_records
 
 # name: (what it trains, as the demo prints it), the study's arms and the ablation key_only
@@ -35,7 +36,16 @@ ARM_LABELS = {
     "weighted_x3": "SFTKey weighted (key x3)",
     "ramp": "SFTKey ramp (key weight 1 to 3)",
     "key_only": "SFTKey key_only",
+    # the controls of the seed-level study: is weighted_x3's gain a larger loss scale, a tuned rate or more steps?
+    "weighted_x3_mean": "SFTKey weighted (key x3), loss scale of plain SFT (sftkey_normalize: weights)",
+    "sft_lr_low": "plain SFT, learning rate x weighted_x3's loss scale / 2",
+    "sft_lr_matched": "plain SFT, learning rate x weighted_x3's loss scale",
+    "sft_lr_high": "plain SFT, learning rate x weighted_x3's loss scale x 2",
+    "sft_steps_1.5x": "plain SFT for 1.5x the steps",
+    "sft_steps_2x": "plain SFT for 2x the steps",
 }
+# arms whose learning rate is set from weighted_x3's loss scale (key_loss_scale), by this factor of it
+LOSS_SCALED_RATES = {"sft_lr_low": 0.5, "sft_lr_matched": 1.0, "sft_lr_high": 2.0}
 DEMO_ARMS = "sft_equal,two_stage,weighted_x2"
 LETTERS = "ABCD"
 PARITY = ("even", "odd")
@@ -115,6 +125,10 @@ def parse_arms(value: str) -> list[str]:
     return arms
 
 
+X3_KEY_WEIGHT = 3.0
+WEIGHTED_X3: dict[str, Any] = {"sftkey_mode": "weighted", "sftkey_key_weight": X3_KEY_WEIGHT}
+
+
 def _phases(*rows: tuple[float, float, float], linear: bool = False) -> dict[str, Any]:
     phases = [{"start": start, "key_weight": key, "other_weight": other} for start, key, other in rows]
     return {
@@ -124,17 +138,31 @@ def _phases(*rows: tuple[float, float, float], linear: bool = False) -> dict[str
     }
 
 
-def arm_settings(arm: str, steps: int, ratio: float) -> tuple[dict[str, Any] | None, int]:
-    """The arm's ``sftkey_*`` settings (None: stock ``SFTTrainer``) and its number of optimizer steps."""
+class ArmPlan(NamedTuple):
+    """What one arm trains: its ``sftkey_*`` settings (None: stock ``SFTTrainer``), its optimizer steps and the
+    factor on the learning rate."""
+
+    sftkey: dict[str, Any] | None
+    steps: int
+    learning_rate_scale: float = 1.0
+
+
+def arm_settings(arm: str, steps: int, ratio: float, loss_scale: float = 1.0) -> ArmPlan:
+    """The arm's plan; ``loss_scale`` (``key_loss_scale``) is read by the ``sft_lr_*`` arms only."""
+    if arm in LOSS_SCALED_RATES:
+        return ArmPlan(None, steps, LOSS_SCALED_RATES[arm] * loss_scale)
     return {
-        "sft_short": (None, round(ratio * steps)),
-        "sft_equal": (None, steps),
-        "two_stage": ({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": ratio}, steps),
-        "soft_stage2": (_phases((0, 1, 1), (ratio, 1, 0.1)), steps),
-        "weighted_x2": ({"sftkey_mode": "weighted", "sftkey_key_weight": 2.0}, steps),
-        "weighted_x3": ({"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}, steps),
-        "ramp": (_phases((0, 1, 1), (ratio, 3, 1), linear=True), steps),
-        "key_only": ({"sftkey_mode": "key_only"}, steps),
+        "sft_short": ArmPlan(None, stage2_start_step(max_steps=steps, num_train_epochs=1, ratio=ratio)),
+        "sft_equal": ArmPlan(None, steps),
+        "two_stage": ArmPlan({"sftkey_mode": "two_stage", "sftkey_stage2_ratio": ratio}, steps),
+        "soft_stage2": ArmPlan(_phases((0, 1, 1), (ratio, 1, 0.1)), steps),
+        "weighted_x2": ArmPlan({"sftkey_mode": "weighted", "sftkey_key_weight": 2.0}, steps),
+        "weighted_x3": ArmPlan(WEIGHTED_X3, steps),
+        "weighted_x3_mean": ArmPlan({**WEIGHTED_X3, "sftkey_normalize": "weights"}, steps),
+        "ramp": ArmPlan(_phases((0, 1, 1), (ratio, 3, 1), linear=True), steps),
+        "key_only": ArmPlan({"sftkey_mode": "key_only"}, steps),
+        "sft_steps_1.5x": ArmPlan(None, round(1.5 * steps)),
+        "sft_steps_2x": ArmPlan(None, 2 * steps),
     }[arm]
 
 
@@ -201,10 +229,12 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("    %(message)s"))
     plugin_logger = logging.getLogger("sftkey_plugin")
-    plugin_logger.addHandler(handler)
+    if not any(getattr(h, "sftkey_demo", False) for h in plugin_logger.handlers):  # once per process, not per arm
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler.sftkey_demo = True  # type: ignore[attr-defined]
+        plugin_logger.addHandler(handler)
     plugin_logger.setLevel(logging.INFO)
 
 
@@ -222,39 +252,35 @@ def _progress_callback(name: str, say: Callable[..., None]) -> Any:
     return Progress()
 
 
-def train_arm(
-    arm: str,
-    args: argparse.Namespace,
-    init_dir: Path,
-    tokenizer: Any,
-    train: list,
-    say: Callable[..., None],
-    peft_config: Any = None,
-) -> tuple[Any, list]:
-    """Train one arm (``arm_settings``) from the shared initial weights; returns the model and its log history.
+def plan_of(arm: str, args: argparse.Namespace) -> ArmPlan:
+    """The arm's plan for the run's ``--steps`` and ``--stage2-ratio`` (and its ``key_loss_scale``, when set)."""
+    return arm_settings(arm, args.steps, args.stage2_ratio, getattr(args, "key_loss_scale", 1.0))
 
-    Stock ``trl.SFTTrainer`` for the plain arms; ``peft_config`` trains a PEFT adapter instead of the whole model.
-    """
-    sftkey, steps = arm_settings(arm, args.steps, args.stage2_ratio)
+
+def build_trainer(
+    arm: str, args: argparse.Namespace, init_dir: Path, tokenizer: Any, train: list, peft_config: Any = None
+) -> Any:
+    """The arm's trainer, from the shared initial weights: stock ``trl.SFTTrainer`` for the plain arms (nothing of
+    ours), ``SFTKeyTrainer`` for the others; ``peft_config`` trains a PEFT adapter instead of the whole model."""
+    plan = plan_of(arm, args)
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from ..trl import SFTKeyConfig, SFTKeyTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(str(init_dir))
     config = SFTKeyConfig(
         output_dir=str(Path(args.output_dir) / arm),
-        sftkey=sftkey is not None,
-        **(sftkey or {}),
-        max_steps=steps,
+        sftkey=plan.sftkey is not None,
+        **(plan.sftkey or {}),
+        max_steps=plan.steps,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate * plan.learning_rate_scale,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
+        warmup_steps=max(1, plan.steps // 20),
         weight_decay=0.0,
-        logging_steps=max(1, steps // 40),
+        logging_steps=max(1, plan.steps // 40),
         save_strategy="no",
         report_to=[],
         seed=args.seed,
@@ -266,20 +292,41 @@ def train_arm(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer_class = SFTTrainer if sftkey is None else SFTKeyTrainer  # plain arms: stock TRL, nothing of ours
-    records = [{k: r[k] for k in ("prompt", "completion")} for r in train]
-    trainer = trainer_class(
-        model=model,
+    trainer_class = SFTTrainer if plan.sftkey is None else SFTKeyTrainer
+    return trainer_class(
+        model=AutoModelForCausalLM.from_pretrained(str(init_dir)),
         args=config,
-        train_dataset=Dataset.from_list(records),
+        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "completion")} for r in train]),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+def key_loss_scale(args: argparse.Namespace, init_dir: Path, tokenizer: Any, train: list) -> float:
+    """The mean factor by which ``weighted_x3``'s weights raise plain SFT's loss with ``sftkey_normalize: tokens``:
+    ``1 + (3 - 1) x`` the key share of the trained tokens, as its trainer marks them (the ``sft_lr_*`` arms' rate)."""
+    stats = build_trainer("weighted_x3", args, init_dir, tokenizer, train).sftkey_callback.data_stats[0]
+    return 1.0 + (X3_KEY_WEIGHT - 1.0) * stats.key_tokens / stats.completion_tokens
+
+
+def train_arm(
+    arm: str,
+    args: argparse.Namespace,
+    init_dir: Path,
+    tokenizer: Any,
+    train: list,
+    say: Callable[..., None],
+    peft_config: Any = None,
+) -> tuple[Any, list]:
+    """Train one arm (``arm_settings``, ``build_trainer``); returns the model and its log history."""
+    from transformers import PrinterCallback
+
+    trainer = build_trainer(arm, args, init_dir, tokenizer, train, peft_config)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback(arm, say))
     trainer.train()
     trainer.save_model(str(Path(args.output_dir) / arm))
-    return model, trainer.state.log_history
+    return trainer.model, trainer.state.log_history
 
 
 def _say(*parts: Any) -> None:
@@ -332,10 +379,16 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     _say(f"      {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
 
+    if any(arm in LOSS_SCALED_RATES for arm in args.arms):
+        args.key_loss_scale = key_loss_scale(args, out / "init", tokenizer, train)
+        _say(f"      weighted_x3's loss scale: {args.key_loss_scale:.3f} (the sft_lr_* arms' learning rates follow it)")
     _say(f"[3/4] Training and evaluating {len(args.arms)} arm(s) side by side, one process each:")
     for arm in args.arms:
-        steps = arm_settings(arm, args.steps, args.stage2_ratio)[1]
-        _say(f"      {arm}: {ARM_LABELS[arm]}, {steps} optimizer steps")
+        plan = plan_of(arm, args)
+        rate = (
+            f", learning rate {args.learning_rate * plan.learning_rate_scale:.2g}" if arm in LOSS_SCALED_RATES else ""
+        )
+        _say(f"      {arm}: {ARM_LABELS[arm]}, {plan.steps} optimizer steps{rate}")
     # spawned processes: each arm trains as it would alone (same seed, weights and batches), on its own core
     with ProcessPoolExecutor(len(args.arms), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {arm: pool.submit(_train_and_score, arm, args, train, test) for arm in args.arms}
@@ -379,7 +432,7 @@ def _train_and_score(arm: str, args: argparse.Namespace, train: list, test: list
         trained, history = train_arm(arm, args, out / "init", tokenizer, train, _say)
         train_seconds = time.perf_counter() - started
         rows, summary = evaluate_records(trained, tokenizer, test, batch_size=64, max_new_tokens=64)
-        summary.update(train_seconds=round(train_seconds, 1), steps=arm_settings(arm, args.steps, args.stage2_ratio)[1])
+        summary.update(train_seconds=round(train_seconds, 1), steps=plan_of(arm, args).steps)
         write_results(rows, summary, str(out / f"{arm}.jsonl"), str(out / f"{arm}.summary.json"))
         print(
             f"      {arm}: accuracy {summary['accuracy']:.3f}, format accuracy {summary['format_accuracy']:.3f} "
