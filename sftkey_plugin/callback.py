@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
+from types import FrameType
+from typing import Any
 
-from transformers import TrainerCallback, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from .config import SFTKeyArguments, mode_weights, parse_phases
 from .schedule import STAGE_KEY_ONLY, Phase, PhasePoint, PhaseSchedule, describe, stage2_start_step, unreached_phases
@@ -21,6 +24,12 @@ class SFTKeyCallback(TrainerCallback):
     The SFTKey trainers add one built from their ``sftkey_*`` arguments; pass your own in ``callbacks=[...]`` to
     override the ``two_stage`` stage-2 start without touching the config. Only the arguments given override: with
     none, the config's ``sftkey_stage2_*`` values apply.
+
+    Passed to a stock ``trl.SFTTrainer``, it makes that trainer train SFTKey with ``arguments`` (default: the
+    paper's ``two_stage``) when training begins: the key mask is made from each row's own tokens and the trainer
+    gets ``SFTKeyTrainer``'s loss, schedule and metrics. What it cannot do that way it refuses before the first
+    step (``sftkey_on_missing='drop'``, rows that reach ``max_length``), naming ``SFTKeyTrainer``; on any other
+    trainer it refuses too. It never lets a run go on as plain SFT.
 
     Args:
         arguments (`SFTKeyArguments`, *optional*): the SFTKey options; the trainer sets its own.
@@ -43,6 +52,7 @@ class SFTKeyCallback(TrainerCallback):
         self.schedule: PhaseSchedule | None = None
         self.data_stats: list[KeyDataStats] = []
         self._step_stage: int | None = None  # the stage of the optimizer step in progress
+        self.bound = False  # set by the SFTKey trainer that adopts this callback
 
     def _stage2_start(self) -> tuple[int | None, float, float | None]:
         """``(steps, ratio, epoch)`` of the stage-2 start: the callback's own if any was given, else the config's."""
@@ -88,7 +98,25 @@ class SFTKeyCallback(TrainerCallback):
         """The stage of the optimizer step that follows ``state.global_step`` completed steps."""
         return self.point(state).stage
 
+    def _adopt_calling_trainer(self, train_dataloader: Any) -> None:
+        """A trainer without SFTKey was given this callback: extend it (a ``trl.SFTTrainer``) or refuse."""
+        trainer = calling_trainer(self)
+        if trainer is not None and hasattr(trainer, "_sftkey_setup"):
+            raise ValueError("An SFTKeyCallback was passed to an SFTKey trainer with sftkey off: set sftkey=True.")
+        if trainer is None or not any(
+            cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl.") for cls in type(trainer).__mro__
+        ):
+            raise ValueError(
+                f"SFTKeyCallback trains SFTKey on a trl.SFTTrainer, not on {type(trainer).__name__}: use SFTKeyTrainer "
+                "(or mix SFTKeyMixin into your SFTTrainer subclass) so that the run is not plain SFT."
+            )
+        from .trl.adopt import adopt_stock_trainer  # reached with a TRL trainer in hand only: the core stays trl-free
+
+        adopt_stock_trainer(trainer, self, train_dataloader)
+
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.bound:
+            self._adopt_calling_trainer(kwargs.get("train_dataloader"))
         schedule = self.resolve(state.max_steps, state.num_train_epochs)
         if state.is_world_process_zero:
             for stats in self.data_stats:
@@ -120,3 +148,15 @@ class SFTKeyCallback(TrainerCallback):
                 state.global_step + 1,
             )
         return control
+
+
+def calling_trainer(callback: TrainerCallback) -> Trainer | None:
+    """The ``transformers.Trainer`` whose callback handler is calling ``callback`` (transformers passes callbacks the
+    model and data loaders, not the trainer): the nearest caller frame's ``self`` that holds the callback."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+            return candidate
+        frame = frame.f_back
+    return None

@@ -68,3 +68,32 @@ class SFTKeyDataCollator:
             raise ValueError(f"SFTKey: a key mask of {mask.numel()} tokens does not fit a row of {width} tokens.")
         padding = mask.new_zeros(width - mask.numel())
         return torch.cat([padding, mask] if self.padding_side == "left" else [mask, padding])
+
+
+@dataclass
+class KeyMarkingCollator:
+    """For rows without a key mask (a stock trainer's): each row's key mask is made from its own tokens, where the
+    trained tokens are those ``inner`` labels when it collates the row alone (``key_mask_from_token_ids``), and the
+    rows are then collated with their masks by ``SFTKeyDataCollator``. ``mark_row`` gives a row's ``TurnsMarked``
+    columns with its ``labels`` (for the data counts)."""
+
+    inner: Callable[[list[Any]], dict[str, Any]]
+    tokenizer: Any
+    marking: Any  # tokenize.MarkingOptions
+    padding_side: str = "right"
+
+    def mark_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        from .tokenize import key_mask_from_token_ids
+
+        alone = self.inner([dict(row)])
+        ids, labels, n = alone["input_ids"][0].tolist(), alone["labels"][0].tolist(), len(row["input_ids"])
+        # a row collated alone is padded only up to pad_to_multiple_of, on padding_side
+        keep = slice(len(ids) - n, None) if self.padding_side == "left" else slice(0, n)
+        if ids[keep] != list(row["input_ids"]):
+            raise ValueError("SFTKey: the data collator changed a row's input_ids; its key tokens cannot be placed.")
+        marked = key_mask_from_token_ids(ids[keep], labels[keep], self.tokenizer, self.marking, row)
+        return {**marked.columns(), "labels": labels[keep]}
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        rows = [{**row, SFTKEY_MASK: self.mark_row(row)[SFTKEY_MASK]} for row in examples]
+        return SFTKeyDataCollator(self.inner, self.padding_side)(rows)

@@ -83,6 +83,7 @@ class SFTKeyLossMixin:
         else:
             self.sftkey_callback = SFTKeyCallback(arguments)
             self.add_callback(self.sftkey_callback)
+        self.sftkey_callback.bound = True
         self._sftkey_sums: dict[str, tuple[torch.Tensor, PhasePoint]] = {}  # mode -> (metric sums, phase) since log
         self._sftkey_outputs: Any = None
         self._sftkey_capturing = False

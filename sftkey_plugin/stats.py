@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import SFTKeyArguments, needs_key_tokens
 from .finders import finder_chain
+from .masking import IGNORE_INDEX
 
 # Per-example status values written by the transform
 FOUND = "found"
@@ -115,6 +117,26 @@ _WITHOUT_KEYS = {
     "weighted": "sftkey_key_weight would weigh (almost) nothing",
     "phases": "the key weights of sftkey_phases would weigh (almost) nothing",
 }
+
+
+def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataStats:
+    """Counts of rows that hold ``labels`` and ``sftkey_mask`` (only trained key tokens), with the ``TurnsMarked``
+    columns ``sftkey_finder``, ``sftkey_turns`` and ``sftkey_turns_found`` where the rows were marked here (a row
+    whose mask came with the data counts as one turn, found by ``pretokenized``)."""
+    statuses: list[str] = []
+    finders: list[str] = []
+    keys: list[int] = []
+    trained: list[int] = []
+    turns: list[tuple[int, int]] = []
+    for row in rows:
+        mask, finder = row["sftkey_mask"], row.get("sftkey_finder", "pretokenized")
+        n_key = int(sum(mask))
+        statuses.append(key_status(finder, mask, slice(None)))
+        finders.append(finder)
+        keys.append(n_key)
+        trained.append(sum(1 for label in row["labels"] if label != IGNORE_INDEX))
+        turns.append((row.get("sftkey_turns", 1), row.get("sftkey_turns_found", int(n_key > 0))))
+    return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
 
 
 def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: str, preview: str) -> None:

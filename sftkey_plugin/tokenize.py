@@ -454,6 +454,18 @@ def _trained_segments(labels: Sequence[int]) -> list[tuple[int, int]]:
     return segments
 
 
+def _text_end(input_ids: Sequence[int], start: int, end: int, special: set[int], tokenizer: Any) -> int:
+    """Where the text of the trained run ``[start, end)`` ends: before its closing special tokens and the whitespace
+    around them (a chat template's ``<|im_end|>\n``), which are no part of the message, as in text marking."""
+    text_end = end
+    while text_end > start and (
+        input_ids[text_end - 1] in special or not tokenizer.decode([input_ids[text_end - 1]]).strip()
+    ):
+        text_end -= 1
+    # trailing whitespace without a special token is the message's own text
+    return text_end if any(token in special for token in input_ids[text_end:end]) else end
+
+
 def key_mask_from_token_ids(
     input_ids: Sequence[int],
     labels: Sequence[int],
@@ -471,9 +483,7 @@ def key_mask_from_token_ids(
     special = set(tokenizer.all_special_ids)
     segments = _trained_segments(labels)
     for start, end in segments if marking.turns == "all" else segments[-1:]:
-        text_end = end
-        while text_end > start and input_ids[text_end - 1] in special:
-            text_end -= 1
+        text_end = _text_end(input_ids, start, end, special, tokenizer)
         if text_end == start:
             continue  # only special tokens trained (an EOS after an untrained turn): no answer text
         ids = list(input_ids[start:text_end])

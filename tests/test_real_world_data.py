@@ -261,6 +261,9 @@ def test_token_id_marking_equals_text_marking(tokenizer: Any, edge_tokens: str, 
     cases = [
         ({"prompt": "Q: 2 + 3?\n", "completion": "2 + 3 = 5.\n#### 5\n\n"}, {}),  # EOS after whitespace
         ({"prompt": "Q: 7 - 2?\n", "completion": "<Thinking>7 - 2 = 5.</Thinking>\n<Answer>5</Answer>"}, {}),
+        # a chat template closes the turn with <|im_end|>\n: neither is answer text (the newline was key, and the
+        # end of turn key even with include_eos off, when token-id marking read them as part of the message)
+        ({"prompt": [_user("7 - 2?")], "completion": [_assistant("7 - 2 = 5.\n#### 5 ")]}, {}),
         ({"prompt": "Q: 9 + 9?\n", "completion": "9 + 9 = 18, so the answer is 18"}, straddling),
     ]
     for record, options in cases:
@@ -270,6 +273,9 @@ def test_token_id_marking_equals_text_marking(tokenizer: Any, edge_tokens: str, 
         from_ids = key_mask_from_token_ids(encoded["input_ids"], labels, tokenizer, marking)
         assert from_ids.mask == encoded["sftkey_mask"] and 1 in from_ids.mask
         assert from_ids.finder == encoded["sftkey_finder"]
+        if "messages" in record or isinstance(record["prompt"], list):
+            expected = f"#### 5 {EOS}" if include_eos else "#### 5"  # whitespace is key only up to the EOS
+            assert key_runs(tokenizer, {**encoded, "sftkey_mask": from_ids.mask}) == [expected]
     eos = EOS if include_eos else ""
     plain = MarkingOptions(edge_tokens=edge_tokens, include_eos=include_eos)
     trailing = key_text(tokenizer, tokenize_with_key_mask(cases[0][0], tokenizer, plain))

@@ -10,7 +10,7 @@ import trl
 from datasets import Dataset
 from packaging.version import Version
 
-from sftkey_plugin import SFTKeyCallback, SFTKeyConfig, SFTKeyTrainer
+from sftkey_plugin import SFTKeyArguments, SFTKeyCallback, SFTKeyConfig, SFTKeyTrainer
 from sftkey_plugin.examples import arithmetic_records
 
 # trl < 1.10 has no per-token fused head: its default chunked NLL gives totals only, so weighted mode (and the
@@ -33,7 +33,7 @@ def assert_gradients_close(actual: dict[str, torch.Tensor], expected: dict[str, 
     return diff
 
 
-def config(out, **overrides) -> SFTKeyConfig:
+def config(out, config_cls=SFTKeyConfig, **overrides) -> SFTKeyConfig:
     values = dict(
         output_dir=str(out),
         bf16=False,
@@ -55,7 +55,7 @@ def config(out, **overrides) -> SFTKeyConfig:
     values.update(overrides)
     if Version(trl.__version__) < Version("1.16"):
         values.pop("train_sampling_strategy")  # the 1.9 stack has no such option; its sampler is set below
-    return SFTKeyConfig(**values)
+    return config_cls(**values)
 
 
 def trainer_for(tiny_dir, records, out, trainer_cls=SFTKeyTrainer, peft_config=None, callbacks=None, **overrides):
@@ -499,6 +499,64 @@ def test_sftkey_off_leaves_the_trainer_stock(tiny_dir, tmp_path):
     stock.train()
     assert losses(trainer) == losses(stock)
     assert not any(key.startswith("sftkey/") for h in trainer.state.log_history for key in h)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"sftkey_mode": "two_stage", "sftkey_stage2_steps": 2},
+        {"sftkey_mode": "key_only"},
+        {"sftkey_mode": "weighted", "sftkey_key_weight": 2.0},
+    ],
+)
+def test_callback_on_a_stock_sfttrainer_trains_as_sftkey_trainer(tiny_dir, tmp_path, settings):
+    """``trl.SFTTrainer(..., callbacks=[SFTKeyCallback(...)])`` with a plain ``SFTConfig``: the same losses, weights
+    and ``sftkey/*`` metrics, bit for bit, as ``SFTKeyTrainer`` with those settings."""
+    records = arithmetic_records(16, seed=6, form="prompt_completion")
+    per_token = PER_TOKEN if settings["sftkey_mode"] == "weighted" else {}
+    reference = trainer_for(tiny_dir, records, tmp_path / "ref", sftkey=True, max_steps=4, **settings, **per_token)
+    reference.train()
+    callback = SFTKeyCallback(SFTKeyArguments(sftkey=True, **settings))
+    stock = trainer_for(
+        tiny_dir, records, tmp_path / "cb", trl.SFTTrainer, callbacks=[callback], config_cls=trl.SFTConfig,
+        max_steps=4, **per_token,
+    )  # fmt: skip
+    assert type(stock) is trl.SFTTrainer and not hasattr(stock.args, "sftkey")
+    stock.train()
+    assert stock.sftkey_callback is callback and callback.data_stats[0].found == 16
+    metrics = sorted({key for h in reference.state.log_history for key in h if key.startswith("sftkey/")})
+    assert {"sftkey/stage", "sftkey/key_loss", "sftkey/key_weight"} <= set(metrics)
+    assert losses(stock) == losses(reference)
+    for key in metrics:  # stage-2 steps log no reasoning loss
+        assert [h.get(key) for h in stock.state.log_history] == [h.get(key) for h in reference.state.log_history]
+    if settings["sftkey_mode"] == "two_stage":
+        assert logged(stock, "sftkey/stage") == [1, 1, 2, 2]
+    for (name, p), q in zip(reference.model.named_parameters(), stock.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_callback_refuses_what_it_cannot_train_before_the_first_step(tiny_dir, tmp_path):
+    records = arithmetic_records(8, seed=6, form="prompt_completion")
+
+    def stock(arguments, **overrides):
+        callbacks = [SFTKeyCallback(SFTKeyArguments(sftkey=True, **arguments))]
+        return trainer_for(
+            tiny_dir, records, tmp_path, trl.SFTTrainer, callbacks=callbacks, config_cls=trl.SFTConfig, **overrides
+        )
+
+    refusals = [
+        (stock({"sftkey_on_missing": "drop"}), "cannot drop rows"),
+        (stock({}, max_length=24), "reach max_length=24"),  # SFTTrainer cut rows before the callback saw them
+        (stock({"sftkey_finder": "boxed"}), "below sftkey_min_found"),  # no \boxed{} answer in these records
+        # an SFTKey trainer whose config turned SFTKey off is not quietly trained as plain SFT either
+        (trainer_for(tiny_dir, records, tmp_path, callbacks=[SFTKeyCallback()], sftkey=False), "set sftkey=True"),
+    ]
+    if not FUSED_HEAD:  # trl 1.9's default chunked_nll has no per-token losses to weigh
+        refusals.append((stock({"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}), "loss_type='nll'"))
+    for trainer, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            trainer.train()
+        assert trainer.state.global_step == 0
 
 
 def test_unsupported_settings_are_refused(tiny_dir, tmp_path):

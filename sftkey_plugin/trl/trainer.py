@@ -62,14 +62,14 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
     }
 
 
-def _reject_unsupported_arguments(args: Any) -> None:
-    """Training arguments SFTKey cannot honour: refused before any data is prepared."""
+def _reject_unsupported_arguments(args: Any, arguments: SFTKeyArguments) -> None:
+    """Training arguments SFTKey cannot honour with these SFTKey options: refused before any data is prepared."""
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("SFTKey needs the trainer's own loss path: set use_liger_kernel=False.")
-    if weighs_tokens(args) and args.loss_type == "chunked_nll":
+    if weighs_tokens(arguments) and args.loss_type == "chunked_nll":
         raise ValueError(
-            f"sftkey_mode='{args.sftkey_mode}' weighs tokens, which needs per-token losses, and trl's chunked_nll does "
-            "not return them: set loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
+            f"sftkey_mode='{arguments.sftkey_mode}' weighs tokens, which needs per-token losses, and trl's chunked_nll "
+            "does not return them: set loss_type='nll' (or use two_stage/key_only, which keep chunked_nll)."
         )
     if args.loss_type == "dft" and not FUSED_HEAD:
         raise ValueError(
@@ -78,6 +78,31 @@ def _reject_unsupported_arguments(args: Any) -> None:
         )
     if getattr(args, "label_smoothing_factor", 0.0):
         raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
+
+
+def reject_unsupported(trainer: Any, arguments: SFTKeyArguments) -> None:
+    """Settings SFTKey cannot honour, known once the trainer is built: refuse them rather than train wrongly."""
+    _reject_unsupported_arguments(trainer.args, arguments)
+    config = trainer.accelerator.parallelism_config
+    if config is not None and (config.cp_enabled or getattr(config, "sp_enabled", False)):
+        raise ValueError("SFTKey does not support context or sequence parallelism: the key mask is not sharded.")
+    if trainer.compute_loss_func is not None:
+        raise ValueError("SFTKey computes the loss itself: remove compute_loss_func (or set sftkey=False).")
+
+
+def preview_command(processing_class: Any, args: Any, arguments: SFTKeyArguments) -> str:
+    """The ``sftkey preview`` command line that shows what these settings find in the data."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    command = f"sftkey preview YOUR_DATA.jsonl --tokenizer {getattr(tokenizer, 'name_or_path', '') or 'TOKENIZER'}"
+    if arguments.sftkey_finder != "auto":
+        command += f" --finder {arguments.sftkey_finder}"
+    if arguments.sftkey_finder_options:
+        command += f" --finder-options '{json.dumps(arguments.sftkey_finder_options)}'"
+    if args.max_length is not None:
+        command += f" --max-length {args.max_length} --truncation-mode {args.truncation_mode}"
+    if arguments.sftkey_reasoning_field:
+        command += f" --reasoning-field {arguments.sftkey_reasoning_field}"
+    return command + (f" --turns {arguments.sftkey_turns}" if arguments.sftkey_turns != "all" else "")
 
 
 class SFTKeyMixin(SFTKeyLossMixin):
@@ -94,7 +119,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             return
         arguments = sftkey_arguments_from(self.args)
         validate_sftkey_arguments(arguments)
-        self._sftkey_reject_unsupported()
+        reject_unsupported(self, arguments)
         # Installed after __init__, where TRL also forbids a custom collator with padding-free (which we support)
         self.data_collator = SFTKeyDataCollator(self.data_collator)
         # The top-level model: PEFT calls its base model's ``forward`` directly, which skips hooks registered there
@@ -102,30 +127,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
         self.sftkey_callback.data_stats = list(getattr(self, "_sftkey_pending_stats", []))
         for stats in self.sftkey_callback.data_stats:
             if stats.name == "train":  # refuse before the first step
-                check_key_share(stats, arguments, self._sftkey_data_form, self._sftkey_preview_command(arguments))
-
-    def _sftkey_preview_command(self, arguments: SFTKeyArguments) -> str:
-        """The ``sftkey preview`` command line that shows what this trainer's settings find in the data."""
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        command = f"sftkey preview YOUR_DATA.jsonl --tokenizer {getattr(tokenizer, 'name_or_path', '') or 'TOKENIZER'}"
-        if arguments.sftkey_finder != "auto":
-            command += f" --finder {arguments.sftkey_finder}"
-        if arguments.sftkey_finder_options:
-            command += f" --finder-options '{json.dumps(arguments.sftkey_finder_options)}'"
-        if self.args.max_length is not None:
-            command += f" --max-length {self.args.max_length} --truncation-mode {self.args.truncation_mode}"
-        if arguments.sftkey_reasoning_field:
-            command += f" --reasoning-field {arguments.sftkey_reasoning_field}"
-        return command + (f" --turns {arguments.sftkey_turns}" if arguments.sftkey_turns != "all" else "")
-
-    def _sftkey_reject_unsupported(self) -> None:
-        """Settings SFTKey cannot honour, known once the trainer is built: refuse them rather than train wrongly."""
-        _reject_unsupported_arguments(self.args)
-        config = self.accelerator.parallelism_config
-        if config is not None and (config.cp_enabled or getattr(config, "sp_enabled", False)):
-            raise ValueError("SFTKey does not support context or sequence parallelism: the key mask is not sharded.")
-        if self.compute_loss_func is not None:
-            raise ValueError("SFTKey computes the loss itself: remove compute_loss_func (or set sftkey=False).")
+                preview = preview_command(self.processing_class, self.args, arguments)
+                check_key_share(stats, arguments, self._sftkey_data_form, preview)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
@@ -137,7 +140,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)  # type: ignore[misc]
         arguments = sftkey_arguments_from(args)
         validate_sftkey_arguments(arguments)
-        _reject_unsupported_arguments(args)
+        _reject_unsupported_arguments(args, args)
         if not isinstance(dataset, Dataset):
             raise ValueError("SFTKey needs a map-style datasets.Dataset (streaming/IterableDataset is not supported).")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)

@@ -1,0 +1,85 @@
+"""``SFTKeyCallback`` on a stock ``trl.SFTTrainer``: the trainer becomes an SFTKey trainer before its first step.
+
+transformers hands a callback the model and the data loader but not the trainer, and the loss needs the trainer:
+the callback finds the trainer that called it (``calling_trainer``) and this module gives it ``SFTKeyLossMixin``'s
+loss, schedule and metrics, with the key mask made from each row's own tokens by the data collator (the prepared
+dataset cannot be re-mapped once its data loader exists). What that cannot do exactly, it refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from ..collator import SFTKEY_MASK, KeyMarkingCollator
+from ..config import SFTKeyArguments, validate_sftkey_arguments
+from ..hf_trainer import SFTKeyLossMixin
+from ..stats import check_key_share, marked_rows_stats
+from ..tokenize import MarkingOptions, require_fast_tokenizer
+from .trainer import preview_command, reject_unsupported
+
+logger = logging.getLogger("sftkey_plugin")
+
+DATA_FORM = "rows tokenised by a stock SFTTrainer (SFTKeyCallback marks their tokens)"
+
+
+_SFTKEY_CLASSES: dict[type, type] = {}
+
+
+def sftkey_class_of(trainer_class: type) -> type:
+    """``trainer_class`` with ``SFTKeyLossMixin`` in front (one class per trainer class)."""
+    if trainer_class not in _SFTKEY_CLASSES:
+        name = f"SFTKey{trainer_class.__name__}"
+        _SFTKEY_CLASSES[trainer_class] = type(name, (SFTKeyLossMixin, trainer_class), {})
+    return _SFTKEY_CLASSES[trainer_class]
+
+
+def _refuse_unmarkable(trainer: Any, arguments: SFTKeyArguments) -> None:
+    """What the marking of already prepared rows cannot reproduce of ``SFTKeyTrainer``: refused with what to use."""
+    use = "use SFTKeyTrainer (SFTKeyConfig(sftkey=True, ...)), which marks the records before they are prepared"
+    if arguments.sftkey_on_missing == "drop":
+        raise ValueError(f"SFTKeyCallback on a stock SFTTrainer cannot drop rows from a built data loader: {use}.")
+    if arguments.sftkey_turns == "last" and trainer.args.packing:
+        raise ValueError(
+            f"SFTKeyCallback cannot tell the examples of a packed row apart for sftkey_turns='last': {use}."
+        )
+    dataset, limit = trainer.train_dataset, trainer.args.max_length
+    if SFTKEY_MASK in dataset.column_names:
+        raise ValueError(f"SFTKeyCallback: the training rows already hold {SFTKEY_MASK!r}: {use}.")
+    packed = "seq_lengths" in dataset.column_names  # a packed row holds several sequences, each cut on its own
+    lengths = (max(row) for row in dataset["seq_lengths"]) if packed else map(len, dataset["input_ids"])
+    if limit is not None and any(length >= limit for length in lengths):
+        raise ValueError(
+            f"SFTKeyCallback: some training rows reach max_length={limit}, so SFTTrainer may have cut their answers "
+            f"before the callback sees them: raise max_length, or {use} (it counts and handles cut answers)."
+        )
+
+
+def adopt_stock_trainer(trainer: Any, callback: Any, train_dataloader: Any) -> None:
+    """Make ``trainer`` (a stock ``trl.SFTTrainer`` that holds ``callback``) train SFTKey with the callback's
+    arguments, or raise ``ValueError`` before the first step saying what to change."""
+    arguments = dataclasses.replace(callback.arguments, sftkey=True)
+    validate_sftkey_arguments(arguments)
+    reject_unsupported(trainer, arguments)
+    _refuse_unmarkable(trainer, arguments)
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    require_fast_tokenizer(tokenizer)
+    side = getattr(tokenizer, "padding_side", None) or "right"
+    collator = KeyMarkingCollator(trainer.data_collator, tokenizer, MarkingOptions.from_arguments(arguments), side)
+    stats = marked_rows_stats("train", map(collator.mark_row, trainer.train_dataset))
+    if stats.missing and arguments.sftkey_on_missing == "error":
+        raise ValueError(
+            f"SFTKey: {stats.missing} of {stats.examples} train rows have no key span. Fix the data, choose another "
+            "sftkey_finder, or set sftkey_on_missing='keep'."
+        )
+    check_key_share(stats, arguments, DATA_FORM, preview_command(trainer.processing_class, trainer.args, arguments))
+    stock = type(trainer).__name__
+    trainer.__class__ = sftkey_class_of(type(trainer))
+    trainer.data_collator = collator  # evaluation loaders are built later, from this
+    # built already: set on the torch DataLoader that accelerate's wrapper delegates to (skip_first_batches, on
+    # resume, copies it from there)
+    getattr(train_dataloader, "base_dataloader", train_dataloader).collate_fn = collator
+    trainer._sftkey_setup(arguments, trainer.model)
+    callback.data_stats = [stats]
+    logger.info("SFTKey: SFTKeyCallback trains the stock %s with SFTKey's loss, schedule and metrics.", stock)
