@@ -164,6 +164,7 @@ class SFTKeyLossMixin:
         point, training = self.sftkey_point, self.model.training  # evaluation scores every completion token
         if training:
             inputs["labels"] = mask_zero_weight_labels(completion_labels, key_mask, *point.weights)
+        labels = inputs["labels"]  # the trainer pops it from inputs when a compute_loss_func (Axolotl's use_dft) is set
         self._sftkey_capturing = True
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
@@ -173,18 +174,16 @@ class SFTKeyLossMixin:
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
         if training and weighs(*point.weights):
-            correction = self._sftkey_correction(outputs, inputs["labels"], key_mask, point)
-            loss = loss + correction * self._sftkey_loss_scale(inputs["labels"], num_items_in_batch)
-        self._sftkey_record(
-            per_token_values(outputs, inputs["labels"], key_mask), inputs["labels"], completion_labels, key_mask, point
-        )
+            correction = self._sftkey_correction(outputs, labels, key_mask, point)
+            loss = loss + correction * self._sftkey_loss_scale(labels, num_items_in_batch)
+        self._sftkey_record(per_token_values(outputs, labels, key_mask), labels, completion_labels, key_mask, point)
         return (loss, result[1]) if return_outputs else loss
 
     def _sftkey_correction(
         self, outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor, point: PhasePoint
     ) -> torch.Tensor:
         """``sum((w - 1) * loss_t)`` over this micro-batch's trained tokens, ``loss_t`` the trainer's own per-token
-        loss (the NLL, or DFT's ``p * NLL`` with ``loss_type="dft"``): added to its ``sum(loss_t)`` it gives the
+        loss (the NLL, or DFT's ``p * NLL`` where ``_sftkey_loss_is_dft``): added to its ``sum(loss_t)`` it gives the
         weighted sum. From full logits only the tokens whose weight is not 1 are recomputed (with a graph)."""
         excess = excess_weights(shifted(key_mask), *point.weights)
         log_probs = getattr(outputs, "log_probs", None)
@@ -200,9 +199,13 @@ class SFTKeyLossMixin:
                 "Token weights other than 0 and 1 need per-token losses, but this loss path returns only a total. With "
                 "trl < 1.10 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
             )
-        if getattr(self.args, "loss_type", None) == "dft":
+        if self._sftkey_loss_is_dft():
             nll = nll * torch.exp(-nll).detach()
         return (excess * nll).sum()
+
+    def _sftkey_loss_is_dft(self) -> bool:
+        """Whether the trainer's per-token loss is DFT's ``p * NLL`` (TRL's ``loss_type="dft"``)."""
+        return getattr(self.args, "loss_type", None) == "dft"
 
     def _sftkey_loss_scale(self, labels: torch.Tensor, num_items_in_batch: Any) -> Any:
         """The factor the trainer's loss applies to a summed loss: ``1 / n`` times the DDP token-average factor."""

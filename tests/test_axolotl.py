@@ -6,6 +6,7 @@ the validators, the dataset-cache suffix and the ``sftkey-preview`` command."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 pytest.importorskip("axolotl")
 
@@ -24,6 +26,12 @@ pytestmark = pytest.mark.axolotl
 
 PLUGIN = "sftkey_plugin.axolotl.SFTKeyPlugin"
 N_RECORDS = 48
+# Axolotl 0.21 loads the plugins of the ``axolotl.plugins`` entry-point group into every run, so there ``sftkey: true``
+# alone enables SFTKey (0.19 needs the ``plugins:`` list). Runs use the form users write for the installed version;
+# ``on_listed`` keeps the list on 0.21 (test_listed_and_discovered_plugin_train_identically).
+DISCOVERY = Version(importlib.metadata.version("axolotl")) >= Version("0.21")
+LISTED = [] if DISCOVERY else [PLUGIN]
+LISTING = {"plugins": LISTED} if LISTED else {}
 
 
 def _base_config(tiny_dir: str, data: str, prepared: str, output_dir: str) -> dict:
@@ -68,8 +76,8 @@ def _base_config(tiny_dir: str, data: str, prepared: str, output_dir: str) -> di
     }
 
 
-SFTKEY_ON = {"plugins": [PLUGIN], "sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_steps": 2}
-PHASES_ON = {"plugins": [PLUGIN], "sftkey": True, "sftkey_mode": "phases", "sftkey_phase_unit": "steps"}
+SFTKEY_ON = {**LISTING, "sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_steps": 2}
+PHASES_ON = {**LISTING, "sftkey": True, "sftkey_mode": "phases", "sftkey_phase_unit": "steps"}
 EVAL = {"val_set_size": 0.125, "eval_strategy": "steps", "eval_steps": 2}
 PACKED = {"sample_packing": True, "micro_batch_size": 2, "pad_to_sequence_len": True}
 RUNS = {
@@ -95,6 +103,8 @@ RUNS = {
                     "sftkey_phases": [{"start": 0, "key_weight": 1, "other_weight": 1},
                                       {"start": 2, "key_weight": 2, "other_weight": 0.1}]},
 }  # fmt: skip
+if DISCOVERY:
+    RUNS["on_listed"] = {**RUNS["on"], "plugins": [PLUGIN]}
 
 
 def _env() -> dict:
@@ -231,13 +241,13 @@ def test_weighted_one_one_is_plain_sft(runs):
         assert one_one["sftkey/stage"] == 1 and "sftkey/reasoning_loss" in one_one
 
 
+def _without_timings(history):
+    return [{k: v for k, v in entry.items() if "runtime" not in k and "per_sec" not in k} for entry in history]
+
+
 def test_phases_preset_of_two_stage_trains_exactly_as_two_stage(runs):
     """The same computation through either key: every training and evaluation log bit-identical (timings aside)."""
-
-    def values(history):
-        return [{k: v for k, v in entry.items() if "runtime" not in k and "per_sec" not in k} for entry in history]
-
-    assert values(runs["phases_two_stage"]["history"]) == values(runs["on"]["history"])
+    assert _without_timings(runs["phases_two_stage"]["history"]) == _without_timings(runs["on"]["history"])
     logs = _train_logs(runs["phases_two_stage"]["history"])
     assert [(entry["sftkey/key_weight"], entry["sftkey/other_weight"]) for entry in logs] == [
         (1, 1),
@@ -259,6 +269,15 @@ def test_linear_phases_move_the_weights_step_by_step(runs):
     assert all("sftkey/reasoning_loss" in entry and entry["loss"] > 0 for entry in logs)
     on = _train_logs(runs["on"]["history"])
     assert logs[0]["loss"] == on[0]["loss"] and logs[1]["loss"] != on[1]["loss"]  # weights apply from step 2
+
+
+@pytest.mark.skipif(not DISCOVERY, reason="Axolotl 0.19 loads the plugin only from the plugins: list")
+def test_listed_and_discovered_plugin_train_identically(runs):
+    """Axolotl 0.21: ``sftkey: true`` alone (the entry point) and with ``plugins: [sftkey_plugin.axolotl.SFTKeyPlugin]``
+    give the same run, every training and evaluation log bit-identical (timings aside)."""
+    assert "plugins" not in RUNS["on"] and RUNS["on_listed"]["plugins"] == [PLUGIN]
+    assert _without_timings(runs["on_listed"]["history"]) == _without_timings(runs["on"]["history"])
+    assert any("sftkey/key_loss" in entry for entry in runs["on"]["history"])
 
 
 def test_gradient_accumulation_is_exact(runs):
@@ -364,7 +383,7 @@ def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> di
         name,
         {
             "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
-            "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
+            "plugins": ["axolotl_recorder.TrainingRecorder", *LISTED],
             "max_steps": STEPS,
             "micro_batch_size": GLOBAL_BATCH // processes,
             **overrides,
@@ -407,7 +426,7 @@ def test_stage_by_epoch_switches_at_the_real_epoch_boundary_with_packing(workdir
     ``sftkey_stage2_epoch: 1`` still starts stage 2 with the first step of the second epoch (where the trainer's
     epoch counter reaches 1), not after max_steps / num_train_epochs steps."""
     overrides = {
-        "plugins": ["axolotl_recorder.TrainingRecorder", PLUGIN],
+        "plugins": ["axolotl_recorder.TrainingRecorder", *LISTED],
         "sftkey_mode": "two_stage",
         "sftkey_stage2_epoch": 1,
         "num_epochs": 2,
@@ -462,7 +481,7 @@ def test_fsdp2_two_processes_equal_one_process(workdir):
     overrides.update(optimizer=SGD["optim"], learning_rate=SGD["learning_rate"])
     fsdp = {
         **_recipe_fsdp_block(),
-        "plugins": ["axolotl_recorder.AllowFSDPOnCPU", "axolotl_recorder.TrainingRecorder", PLUGIN],
+        "plugins": ["axolotl_recorder.AllowFSDPOnCPU", "axolotl_recorder.TrainingRecorder", *LISTED],
     }
     multi = _multiprocess_run(workdir, f"{mode}_fsdp_2proc", {**overrides, **fsdp}, processes=2)
     single = _multiprocess_run(workdir, f"{mode}_sgd_1proc", overrides, processes=1)
@@ -478,7 +497,7 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
     from test_reliability import kill_when_ready, max_abs_diff
 
     interrupted = {
-        "plugins": ["axolotl_recorder.StallAfterCheckpointPlugin", PLUGIN],
+        "plugins": ["axolotl_recorder.StallAfterCheckpointPlugin", *LISTED],
         "sftkey_mode": "two_stage",
         "sftkey_stage2_steps": 2,
         "max_steps": 6,
@@ -516,6 +535,18 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
 # ---- in-process: config loading, strategy, validators, preview ----------------------------------------------
 
 
+def fresh_axolotl_plugins() -> None:
+    """Forget the plugins that earlier configs of this process registered, as a new ``axolotl train`` process has
+    none: Axolotl's ``PluginManager`` is a process-wide singleton, and 0.21 merges the keys and validators of every
+    plugin it holds into each later config (and caches the entry points it read)."""
+    from axolotl.integrations import base
+
+    base.PluginManager._instance = None
+    reset = getattr(base, "reset_plugin_entry_points_cache", None)  # Axolotl >= 0.21
+    if reset is not None:
+        reset()
+
+
 @pytest.fixture(scope="module")
 def axolotl_env():
     os.environ.update({k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"})
@@ -523,6 +554,7 @@ def axolotl_env():
     from axolotl.utils.dict import DictDefault
 
     def load(config: dict):
+        fresh_axolotl_plugins()
         return load_cfg(DictDefault(copy.deepcopy(config)))
 
     return load
@@ -610,11 +642,25 @@ def test_hostile_completions_are_marked_as_on_the_trl_side(axolotl_env, workdir)
 
 
 def test_sftkey_off_or_unlisted_changes_nothing(axolotl_env, workdir):
+    """``sftkey: true`` without ``plugins:`` is SFTKey on Axolotl 0.21 (the entry point) and dropped silently by 0.19
+    (no discovery; ``axolotl sftkey-preview`` warns). ``sftkey: false``, listed or not, leaves Axolotl's config."""
+    from axolotl.integrations.base import PluginManager
+
+    from sftkey_plugin.axolotl.trainer import SFTKeyAxolotlTrainer
+
     plain = _config(workdir, "plain", {})
-    cfg = axolotl_env({**plain, "sftkey": True})  # plugin not listed: Axolotl drops the key silently
-    assert cfg.sftkey is None and cfg.datasets[0].type == "chat_template"
-    off = axolotl_env({**plain, "plugins": [PLUGIN], "sftkey": False})
-    assert off.dataset_prepared_path == plain["dataset_prepared_path"] and off.datasets[0].type == "chat_template"
+    assert "plugins" not in plain
+    cfg = axolotl_env({**plain, "sftkey": True})
+    trainer_cls = PluginManager.get_instance().get_trainer_cls(cfg)
+    if DISCOVERY:
+        assert cfg.sftkey is True and trainer_cls is SFTKeyAxolotlTrainer
+        assert cfg.datasets[0].type == "sftkey_plugin.axolotl.strategy" and "/sftkey-" in str(cfg.dataset_prepared_path)
+    else:
+        assert cfg.sftkey is None and trainer_cls is None and cfg.datasets[0].type == "chat_template"
+    for off in ({**plain, "plugins": [PLUGIN], "sftkey": False}, {**plain, "sftkey": False}, plain):
+        cfg = axolotl_env(off)
+        assert cfg.dataset_prepared_path == plain["dataset_prepared_path"] and cfg.datasets[0].type == "chat_template"
+        assert PluginManager.get_instance().get_trainer_cls(cfg) is None
 
 
 def test_marking_options_change_the_cache_folder(axolotl_env, workdir):
@@ -635,6 +681,8 @@ def test_marking_options_change_the_cache_folder(axolotl_env, workdir):
 
 REFUSED = [
     ({"context_parallel_size": 2}, "context_parallel_size: 2"),
+    ({"context_parallel": {"size": 2}}, "context_parallel: {size: 2}"),  # Axolotl 0.21's block
+    ({"balance_labels": True}, "balance_labels: true"),  # Axolotl 0.21
     ({"tensor_parallel_size": 2}, "tensor_parallel_size: 2"),
     ({"rl": "dpo"}, "rl: dpo"),
     ({"reward_model": True}, "reward_model"),
@@ -676,21 +724,26 @@ def test_preview_command(axolotl_env, workdir):
     commands = cli.plugin_commands()
     commands.setdefault("sftkey-preview", PluginCommand(target="sftkey_plugin.axolotl.preview:sftkey_preview"))
     root = Path(workdir["root"])
-    config = _config(workdir, "preview", SFTKEY_ON)
+    config = {**_config(workdir, "preview", SFTKEY_ON), "plugins": [PLUGIN]}
     unlisted = {k: v for k, v in config.items() if k != "plugins"}
     runner = CliRunner()
+    fresh_axolotl_plugins()
     result = runner.invoke(
         cli, ["sftkey-preview", str(_write(root / "preview.yml", unlisted)), "-n", "2", "--no-color"]
     )
     assert result.exit_code == 0, result.output
     output = result.output
-    assert "WARNING: the config sets sftkey" in output and PLUGIN in output
+    if DISCOVERY:  # Axolotl loads the plugin from its entry point: the config is complete
+        assert "WARNING" not in output and "previewing as if" not in output
+    else:
+        assert "WARNING: the config sets sftkey" in output and PLUGIN in output
     assert f"SFTKey datasets[0] {workdir['data']} data: {N_RECORDS} examples, key span found in {N_RECORDS}" in output
     assert "[tags " in output and "key of" in output
     assert output.count("--- example ") == 2
     answer = workdir["records"][0]["answer"]
     assert "[[" in output and f"<Answer>{answer}</Answer><|im_end|>]]" in output
 
+    fresh_axolotl_plugins()
     result = runner.invoke(cli, ["sftkey-preview", str(_write(root / "preview_on.yml", config)), "-n", "0"])
     assert result.exit_code == 0, result.output
     assert "WARNING" not in result.output and "key span found in" in result.output

@@ -57,10 +57,20 @@ class _SFTKeyValidators(BaseModel):
         if not isinstance(data, dict) or not _truthy(data.get("sftkey")):
             return data
         get = data.get
+        sliced = "each rank would see a slice of the sequence while the key mask and labels stay whole"
+        block = get("context_parallel")  # Axolotl 0.21's block, which it keeps equal to context_parallel_size
+        size = block.get("size") if isinstance(block, dict) else getattr(block, "size", None)
+        if int(size or 1) > 1:
+            _refuse(
+                f"context_parallel: {{size: {size}}} (context_parallel_size: {size})",
+                sliced,
+                "Remove context_parallel and context_parallel_size (DDP, FSDP and DeepSpeed ZeRO work) or set "
+                "sftkey: false.",
+            )
         for name in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
             if int(get(name) or 1) > 1:
                 why = (
-                    "each rank would see a slice of the sequence while the key mask and labels stay whole"
+                    sliced
                     if name != "tensor_parallel_size"
                     else "the loss would see vocabulary-sharded logits (untested)"
                 )
@@ -112,6 +122,14 @@ class _SFTKeyValidators(BaseModel):
             )
         if get("use_eaft"):
             _refuse("use_eaft: true", "both replace the training loss", "Remove use_eaft or set sftkey: false.")
+        if _truthy(get("balance_labels")):
+            _refuse(
+                "balance_labels: true",
+                "it balances the count of trained tokens across micro-batches and processes while SFTKey's loss counts "
+                "key tokens (stage 2, key_only) or weighs tokens, and it needs Axolotl's own collator, which SFTKey "
+                "wraps to carry the key mask",
+                "Set balance_labels: false.",
+            )
         if get("trainer_cls"):
             _refuse(
                 f"trainer_cls: {get('trainer_cls')}",

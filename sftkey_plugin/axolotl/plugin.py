@@ -11,7 +11,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from ..config import sftkey_arguments_from
-from .args import STRATEGY_TYPE
+from .args import PLUGIN_NAME, STRATEGY_TYPE
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -58,6 +58,16 @@ def route_logs_to_axolotl() -> None:
     for log_filter in list(logger.filters):  # Axolotl's logger class hides non-axolotl INFO records
         if type(log_filter).__name__ == "AxolotlOrWarnErrorFilter":
             logger.removeFilter(log_filter)
+
+
+def plugin_discovered() -> bool:
+    """Whether Axolotl loads this plugin without a ``plugins:`` entry: 0.21 and later load the ``axolotl.plugins``
+    entry points of the installed distributions (this package registers one); 0.19 has no such discovery."""
+    try:
+        from axolotl.integrations.base import get_builtin_plugins
+    except ImportError:
+        return False
+    return PLUGIN_NAME in get_builtin_plugins()
 
 
 class SFTKeyPlugin(BasePlugin):

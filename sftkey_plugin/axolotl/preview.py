@@ -3,7 +3,7 @@
 Loads the config as ``axolotl train`` does (plugins, validation, normalisation), tokenises a sample of each
 dataset with the plugin's strategy, prints the key-marking summary and shows a few examples with the key tokens
 between ``[[`` and ``]]`` (coloured on a terminal; tokens without loss dimmed). It also says so when ``sftkey``
-keys are set but the plugin is not listed under ``plugins:`` (Axolotl would drop them silently).
+keys are set but Axolotl would not load the plugin (0.19 without it under ``plugins:``: the keys are dropped silently).
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ KEY_OPEN, KEY_CLOSE = "[[", "]]"
 
 
 def plugin_warning(raw: dict[str, Any]) -> str | None:
-    """The warning for ``sftkey`` keys in a config that does not list the plugin (None when all is well)."""
+    """The warning for ``sftkey`` keys in a config that does not list the plugin, where Axolotl does not load it from
+    its entry point either (0.19); None when all is well."""
+    from .plugin import plugin_discovered
+
     keys = sorted(k for k in raw if k == "sftkey" or k.startswith("sftkey_"))
-    if keys and PLUGIN_NAME not in (raw.get("plugins") or []):
+    if keys and PLUGIN_NAME not in (raw.get("plugins") or []) and not plugin_discovered():
         return (
             f"WARNING: the config sets {', '.join(keys)} but does not list the plugin, so `axolotl train` ignores "
-            f"them and trains without SFTKey. Add it:\nplugins:\n  - {PLUGIN_NAME}"
+            f"them and trains without SFTKey. Add it (Axolotl 0.21 and later load it without the list):\nplugins:\n"
+            f"  - {PLUGIN_NAME}"
         )
     return None
 

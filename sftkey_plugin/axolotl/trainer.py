@@ -50,13 +50,25 @@ def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
     return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
 
 
-def _transformers_accepts_loss_kwargs(model: Any) -> bool:
-    """transformers' own rule (``Trainer.__init__``) for passing ``num_items_in_batch`` to the model."""
+def model_accepts_loss_kwargs(model: Any) -> bool:
+    """Whether the trainer may hand ``num_items_in_batch`` to the model: transformers' rule (``Trainer.__init__``:
+    ``accepts_loss_kwargs``, else a ``forward`` that takes it or ``**kwargs``) and Axolotl 0.21's
+    (``model_loss_accepts_num_items_in_batch``: the model's ``loss_function`` names it). A ``**kwargs`` forward passes
+    the count on to a loss that may ignore it, and such a loss is a mean per micro-batch, which the trainer must then
+    divide by the accumulation steps itself."""
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(unwrapped, "accepts_loss_kwargs"):
-        return bool(unwrapped.accepts_loss_kwargs)
-    parameters = inspect.signature(unwrapped.forward).parameters.values()
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in parameters)
+        forward_takes_it = bool(unwrapped.accepts_loss_kwargs)
+    else:
+        parameters = inspect.signature(unwrapped.forward).parameters.values()
+        forward_takes_it = any(p.kind == p.VAR_KEYWORD or p.name == "num_items_in_batch" for p in parameters)
+    loss_function = getattr(unwrapped, "loss_function", None)
+    if not forward_takes_it or loss_function is None:
+        return forward_takes_it
+    try:
+        return "num_items_in_batch" in inspect.signature(loss_function).parameters
+    except (TypeError, ValueError):  # a callable without a signature: transformers' rule alone, as Axolotl 0.21 does
+        return True
 
 
 class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
@@ -67,12 +79,11 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         super().__init__(*args, **kwargs)
         self._sftkey_configured = False
         self._sftkey_wrap_collators()
-        # Axolotl 0.19 switches num_items_in_batch off for every model whose *inner* model lacks the parameter:
-        # the loss is then a mean per micro-batch (not exact under gradient accumulation, and NaN for a stage-2
-        # micro-batch without key tokens). SFTKey restores transformers' own rule, as TRL uses it.
-        if not getattr(self, "model_accepts_loss_kwargs", True) and _transformers_accepts_loss_kwargs(
-            self.accelerator.unwrap_model(self.model)
-        ):
+        # Axolotl 0.19 switches num_items_in_batch off for every model whose *inner* model lacks the parameter (so
+        # for nearly all): the loss is then a mean per micro-batch (not exact under gradient accumulation, and NaN for
+        # a stage-2 micro-batch without key tokens). 0.21 decides by the model's loss function, which is right: the
+        # same rule turns 0.19's off back on where 0.21 would have left it on, and agrees with 0.21's decision.
+        if not self.model_accepts_loss_kwargs and model_accepts_loss_kwargs(self.accelerator.unwrap_model(self.model)):
             self.model_accepts_loss_kwargs = True
         if sftkey_arguments is not None:
             self.sftkey_configure(sftkey_arguments)
@@ -145,6 +156,14 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
                 raise RuntimeError("SFTKeyAxolotlTrainer: call sftkey_configure(...) or pass sftkey_arguments=.")
             self.sftkey_configure(self.axolotl_cfg)
         return super().train(*args, **kwargs)
+
+    def _sftkey_loss_is_dft(self) -> bool:
+        """Axolotl 0.21's ``use_dft: true`` sets its ``dft_loss`` as ``compute_loss_func``."""
+        try:
+            from axolotl.monkeypatch.loss.dft import dft_loss
+        except ImportError:  # Axolotl 0.19: no use_dft
+            return False
+        return self.compute_loss_func is dft_loss
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
