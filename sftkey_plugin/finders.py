@@ -9,7 +9,8 @@ there is none. Spans include the answer's marker (``</Thinking>``'s answer block
 ``tags``, ``think``, ``gsm8k``, ``boxed``, ``answer_is``. It never falls back to "the last number": an example
 without a recognisable answer has no key span (see ``sftkey_on_missing``). An assistant message that carries its
 reasoning in a separate field (``reasoning_content``) is the answer alone: there ``auto`` tries ``regex`` and
-``field`` (when their option is given), then ``content`` (the whole message content).
+``field`` (when their option is given), then ``content`` (the whole message content); with an ``auto_order``
+option, that order, then ``content``.
 
 ``answer_is`` knows English ("The answer is (B)", "Final Answer: ...") and Chinese ("答案是 A。", "答案为：42",
 "最终答案：（B）") answer phrases. Another language is one ``regex`` away, e.g. Japanese ``sftkey_finder: regex``
@@ -124,26 +125,46 @@ def boxed(
     return []
 
 
+# The answer runs to the line's end, a sentence stop (full-width, or ASCII followed by a space) or a comma, except a
+# comma that goes on with another value of the same answer ("x = 2, y = 3", "2, 3", "(A), (C)", "$x$, $y$")
+_MORE_VALUES = r"\s*(?:[A-Za-z]\s*=|[-+]?\d|[(（]|\$)"
+_ANSWER_END = rf"(?=[ \t]*(?:[。！？；]|[.;!?](?:\s|$)|$|(?:，|,(?=\s))(?!{_MORE_VALUES})))"
 _ANSWER_IS = re.compile(
     r"(?im)(?:\bfinal answer:\s*)?\b(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*"
-    r"(?:\$[^$\n]+\$|\([A-Za-z0-9]\)|\S[^\n]*?)(?=\.?[ \t]*$|\.\s|,\s)"
+    rf"(?P<value>\$[^$\n]+\$|\([A-Za-z0-9]\)|\S[^\n]*?){_ANSWER_END}"
 )
-
-
 # Chinese: 答案是 / 答案为 / 最终答案：(traditional 為/終 too): 是/为 or a full-width or ASCII colon, then the
-# answer up to a full-width stop or comma, a sentence-ending ASCII stop or the line's end; (B) and （B） both count.
+# answer; (B) and （B） both count.
 _ANSWER_IS_ZH = re.compile(
     r"(?m)(?:最[终終]|正确|正確)?答案\s*(?:应该|应|應該|應)?\s*(?:(?:是|为|為)\s*[:：]?|[:：])\s*"
-    r"(?:\$[^$\n]+\$|[(（][A-Za-z0-9][)）]|[^\s。，；！？][^\n。，；！？]*?)"
-    r"(?=[ \t]*[。，；！？]|[ \t]*[.,;](?:\s|$)|[ \t]*$)"
+    rf"(?P<value>\$[^$\n]+\$|[(（][A-Za-z0-9][)）]|[^\s。，；！？][^\n。；！？]*?){_ANSWER_END}"
 )
 ANSWER_PHRASES = (_ANSWER_IS, _ANSWER_IS_ZH)
+# An answer phrase that states no answer: it asks for one or judges one ("whether the answer is right", "答案是否正确",
+# "答案为什么是 7", "答案是对的", "the answer is not 5", "答案是 7 吗？")
+_JUDGEMENT = re.compile(
+    r"(?i)^(?:right|wrong|correct|incorrect|not\b|否|不|什么|什麼|何|多少|对|對|错|錯|正确|正確|错误|錯誤|怎)"
+)
+_ASKING = re.compile(r"(?i)\b(?:whether|if)\s+$|[吗嗎吧呢]\s*$")
+
+
+def _states_an_answer(text: str, match: re.Match[str]) -> bool:
+    """Whether an answer phrase gives the answer, not a question or a judgement about one."""
+    value = match.group("value")
+    if (
+        _JUDGEMENT.match(value)
+        or _ASKING.search(value)
+        or _ASKING.search(text[max(0, match.start() - 12) : match.start()])
+    ):
+        return False
+    return not text[match.end() :].lstrip(" \t").startswith(("?", "？"))
 
 
 def answer_is(text: str, *, example: Mapping[str, Any] | None = None) -> list[Span]:
-    """The last answer phrase, up to the answer's end: "The answer is (B)", "Final Answer: The final answer is $X$",
-    or the Chinese "答案是 A" / "答案为：42" / "最终答案：（B）"."""
-    matches = [match for phrase in ANSWER_PHRASES for match in phrase.finditer(text)]
+    """The last answer phrase that states an answer, up to the answer's end: "The answer is (B)", "Final Answer: The
+    final answer is $X$", or the Chinese "答案是 A" / "答案为：42" / "最终答案：（B）". A phrase that asks or judges
+    ("let me check whether the answer is right", "答案是否正确") is no answer; a later restatement or correction is."""
+    matches = [m for phrase in ANSWER_PHRASES for m in phrase.finditer(text) if _states_an_answer(text, m)]
     last = max(matches, key=lambda match: match.start(), default=None)
     return [last.span()] if last else []
 
@@ -231,11 +252,16 @@ def _accepted_options(finder: Finder) -> frozenset[str] | None:
 
 
 def finder_chain(finder: str, options: Mapping[str, Any], answer_only: bool = False) -> list[str]:
-    """The finders tried, in order; ``answer_only``: the completion is an answer whose reasoning is elsewhere."""
+    """The finders tried, in order; ``answer_only``: the completion is an answer whose reasoning is elsewhere, so
+    ``auto`` ends with ``content`` (after the user's ``auto_order`` when one is given)."""
     if finder != "auto":
         return [finder]
-    order = AUTO_ORDER_ANSWER_ONLY if answer_only else options.get("auto_order", AUTO_ORDER)
-    return [name for name in order if name not in _AUTO_NEEDS_OPTION or _AUTO_NEEDS_OPTION[name] in options]
+    if answer_only:
+        order = [*options["auto_order"], "content"] if "auto_order" in options else AUTO_ORDER_ANSWER_ONLY
+    else:
+        order = options.get("auto_order", AUTO_ORDER)
+    chain = [name for name in order if name not in _AUTO_NEEDS_OPTION or _AUTO_NEEDS_OPTION[name] in options]
+    return list(dict.fromkeys(chain))
 
 
 def validate_finder_options(finder: str, options: Mapping[str, Any]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any
 from .config import SFTKeyArguments
 from .masking import IGNORE_INDEX, key_mask_for_completion
 from .stats import NOT_LOCATED
+
+logger = logging.getLogger("sftkey_plugin")
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names chat templates read
 # the columns marking adds to each example
@@ -225,7 +228,22 @@ def reasoning_dropped(
     return name if name and answers[-1][name].strip() not in rendered else None
 
 
-def _answer_turns(messages: list[Mapping[str, Any]], first: int, turns: str) -> list[int]:
+def warn_if_reasoning_dropped(
+    example: Mapping[str, Any], tokenizer: Any, marking: MarkingOptions, chat_template: str | None = None
+) -> None:
+    """Warn when the chat template renders none of the record's assistant reasoning (then every trained token of
+    such a message is its answer, so two_stage trains plain SFT on the answers alone)."""
+    dropped = reasoning_dropped(example, tokenizer, marking, chat_template)
+    if dropped:
+        logger.warning(
+            "SFTKey: the chat template does not render the assistant messages' %s (first record): only the answers "
+            "are trained, in both stages. Use a template that renders it (Qwen3's, for example) or put it into the "
+            "content with `sftkey convert`.",
+            dropped,
+        )
+
+
+def answer_turns(messages: Sequence[Mapping[str, Any]], first: int, turns: str) -> list[int]:
     """Indices of the assistant messages from ``first`` on whose content is marked: every one, or the last.
 
     A tool-call message without text (``tool_calls`` and a None or blank content) has no answer and is not a turn.
@@ -386,7 +404,7 @@ def tokenize_with_key_mask(
     if form in ("messages", "chat_prompt_completion"):
         conversation = _conversation(example, form)
         first = len(example["prompt"]) if form == "chat_prompt_completion" else 0  # prompt messages are not trained
-        indices = _answer_turns(conversation, first, marking.turns)
+        indices = answer_turns(conversation, first, marking.turns)
     if form == "chat_prompt_completion":
         prompt_text = tokenizer.apply_chat_template(
             example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
@@ -472,27 +490,53 @@ def key_mask_from_token_ids(
     tokenizer: Any,
     marking: MarkingOptions,
     example: Mapping[str, Any] | None = None,
+    answers: Sequence[str | None] | None = None,
 ) -> TurnsMarked:
     """The key mask of an already tokenised example (any prompt format), with the same options as text marking.
 
-    Each run of trained tokens is a turn (``marking.turns``: every one, or the last). Its text, without trailing
-    special tokens, is decoded and re-tokenised with offsets: only when that gives back the same ids is the mask
-    placed (exactly), otherwise the turn is ``not_located``. ``example`` is the record, for the ``field`` finder.
+    Each run of trained tokens that holds text is a turn (``marking.turns``: every one, or the last). Its text,
+    without its closing special tokens and the whitespace around them, is decoded and re-tokenised with offsets:
+    only when that gives back the same ids is the mask placed (exactly), otherwise the turn is ``not_located``.
+    ``example`` is the record, for the ``field`` finder. ``answers`` gives, turn by turn, the content of a message
+    whose reasoning is in a separate field (None for any other): that content, found at the end of its turn, is the
+    answer (``answer_only``), as in text marking; when the turns cannot be paired with it, they are ``not_located``.
     """
     marked = TurnsMarked(mask=[0] * len(input_ids))
     special = set(tokenizer.all_special_ids)
     segments = _trained_segments(labels)
-    for start, end in segments if marking.turns == "all" else segments[-1:]:
-        text_end = _text_end(input_ids, start, end, special, tokenizer)
-        if text_end == start:
-            continue  # only special tokens trained (an EOS after an untrained turn): no answer text
+    # a run of only special tokens (an EOS trained apart from its turn) has no answer text: not a turn
+    turns = [
+        (start, end, text_end)
+        for start, end in segments
+        if (text_end := _text_end(input_ids, start, end, special, tokenizer)) > start
+    ]
+    paired = list(answers) if answers is not None and len(answers) == len(turns) else None
+    chosen = range(len(turns)) if marking.turns == "all" else range(len(turns))[-1:]
+    for number in chosen:
+        start, end, text_end = turns[number]
         ids = list(input_ids[start:text_end])
         text = tokenizer.decode(ids, skip_special_tokens=False)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         located = (text, 0) if list(encoded["input_ids"]) == ids else None
+        answer = paired[number] if paired is not None else None
+        if located is not None and answer is not None:  # the answer after the reasoning the template rendered
+            position = text.rfind(answer.strip())
+            located = (answer.strip(), position) if answer.strip() and position >= 0 else None
+        elif answers is not None and paired is None and any(a is not None for a in answers):
+            located = None  # which turn is an answer alone is unknown: not marked, and counted
         # the trailing special tokens get zero-width offsets, as a tokenizer gives the ones it adds
         offsets = [*encoded["offset_mapping"], *[(0, 0)] * (end - text_end)]
-        marked.mark(located, text, input_ids[start:end], offsets, marking, tokenizer, example, token_start=start)
+        marked.mark(
+            located,
+            text,
+            input_ids[start:end],
+            offsets,
+            marking,
+            tokenizer,
+            example,
+            answer_only=answer is not None,
+            token_start=start,
+        )
     return marked
 
 

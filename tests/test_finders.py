@@ -56,6 +56,17 @@ def keys(text: str, finder: str = "auto", **options) -> list[str]:
             ["Final Answer: The final answer is $\\frac{1}{2}$"],
         ),
         ("no answer here", "answer_is", []),
+        # the last phrase that states the answer: not a check, a question or a judgement of it
+        ("The answer is 7. Let me check whether the answer is right: 3+4=7.", "answer_is", ["The answer is 7"]),
+        ("The answer is 7. Is the answer correct? Yes, the answer is correct.", "answer_is", ["The answer is 7"]),
+        ("Maybe the answer is 6? No: the answer is 7.", "answer_is", ["the answer is 7"]),
+        ("The answer is 7, not 8. So the answer is not 8.", "answer_is", ["The answer is 7"]),
+        ("If the answer is 6, then 6 + 1 = 7. So the answer is 7.", "answer_is", ["the answer is 7"]),
+        ("So the answer is 7?", "answer_is", []),
+        # a comma ends the answer unless another value of it follows
+        ("The answer is x = 2, y = 3.", "answer_is", ["The answer is x = 2, y = 3"]),
+        ("The answer is 12, since 5 + 7 = 12.", "answer_is", ["The answer is 12"]),
+        ("The answer is (A), (C).", "answer_is", ["The answer is (A), (C)"]),
     ],
 )
 def test_builtin_finders_golden(text, finder, expected):
@@ -79,6 +90,15 @@ def test_field_finder_finds_the_answer_field_last_occurrence():
     assert find_key_spans(text, "field", example={"answer": "9"}) == []
     with pytest.raises(ValueError, match="answer field 'final'"):
         find_key_spans(text, "field", example={"answer": "7"}, answer_field="final")
+
+
+def test_auto_order_is_honoured_for_answers_whose_reasoning_is_apart():
+    """An answer-only message (reasoning in reasoning_content): all of it by default; with the user's auto_order,
+    that order first, then all of it."""
+    assert match_key_spans("So 7.", "auto", None, {}, answer_only=True) == ("content", [(0, 5)])
+    order = {"auto_order": ["answer_is"]}
+    assert match_key_spans("The answer is 7. Done", "auto", None, order, answer_only=True) == ("answer_is", [(0, 15)])
+    assert match_key_spans("So 7.", "auto", None, order, answer_only=True) == ("content", [(0, 5)])
 
 
 def test_auto_order_and_which_finder_matched():

@@ -108,3 +108,25 @@ def test_preview_shows_turns_and_marks_pretokenised_rows(tiny_dir, tmp_path) -> 
     assert f"datasets[0] {chats} data: 4 examples, key span found in 4 (100.0%) [content 4]" in result.output
     assert "key span in 8 of 8 assistant turns" in result.output and "key in 2 of 2 turns" in result.output
     assert f"datasets[1] {tokenised} data: 3 examples, key span found in 3 (100.0%) [tags 3]" in result.output
+
+
+def test_fallback_marking_keeps_the_reasoning_field_rule_and_warns(axolotl_env, tiny_dir, tmp_path, caplog) -> None:
+    """Where Axolotl's tokens differ from the render, its own tokens are marked; a message whose reasoning is in
+    reasoning_content still has all of its content as key (it used to go through the ordinary auto chain, which
+    finds no answer phrase in "The result is 8."). A template that renders none of the reasoning is warned about."""
+    record = reasoning_record(5, turns=2)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    config = _config(tmp_path, tiny_dir, {"path": str(data)}, chat_template="chatml")
+    _, tokenizer, strategy = _strategy(axolotl_env, config)
+    with caplog.at_level("WARNING", logger="sftkey_plugin"):
+        row = _tokenize(strategy, [record, record])[0]
+    warned = "SFTKey: the chat template does not render the assistant messages' reasoning_content (first record)"
+    # once, not once per record (a record can reach caplog twice through Axolotl's log routing: distinct records)
+    assert len({id(r) for r in caplog.records if r.getMessage().startswith(warned)}) == 1
+    assert key_runs(tokenizer, row) == [f"The result is 8.{EOS}", f"The result is 10.{EOS}"]
+    # Axolotl's tokens and the render disagree (one more token): the fallback marks Axolotl's own tokens
+    ids, labels = [*row["input_ids"], tokenizer.eos_token_id], [*row["labels"], -100]
+    fallback = strategy.key_mask(record, ids, labels)
+    assert key_runs(tokenizer, {"input_ids": ids, **fallback}) == key_runs(tokenizer, row)
+    assert (fallback["sftkey_finder"], fallback["sftkey_turns"], fallback["sftkey_turns_found"]) == ("content", 2, 2)

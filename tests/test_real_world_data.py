@@ -39,6 +39,16 @@ def keys(text: str, finder: str = "auto", **options) -> list[str]:
         ("The answer is 4. 不对，所以答案是 5。", "答案是 5"),
         ("先问答案是什么。答案是 9，检查无误。", "答案是 9"),
         ("答案是 (C). Done.", "答案是 (C)"),
+        # a check, a question or a judgement after the answer is not the answer; a restatement is
+        ("所以答案是 7。我们再检查答案是否正确：3+4=7，没错。", "答案是 7"),
+        ("答案为什么是 7？因为 3+4=7。所以答案是 7。", "答案是 7"),
+        ("答案是 7。答案是对的。", "答案是 7"),
+        ("答案是 7。答案是 8 吗？不是。", "答案是 7"),
+        ("答案是 7。再写一遍：答案是 7。", "答案是 7"),
+        # an ASCII or full-width comma ends the answer unless another value of it follows
+        ("答案是 x = 2, y = 3。", "答案是 x = 2, y = 3"),
+        ("答案是 7，因为 3+4=7。", "答案是 7"),
+        ("答案是 2，3。", "答案是 2，3"),
     ],
 )
 def test_chinese_answer_phrases(text: str, expected: str) -> None:
@@ -321,6 +331,11 @@ def test_token_id_marking_every_trained_turn(tokenizer: Any) -> None:
     assert marked.mask == encoded["sftkey_mask"] and (marked.turns, len(marked.finders)) == (2, 2)
     last = key_mask_from_token_ids(encoded["input_ids"], labels, tokenizer, MarkingOptions(turns="last"))
     assert key_runs(tokenizer, {"input_ids": encoded["input_ids"], "sftkey_mask": last.mask}) == [f"#### 4{EOS}"]
+    # an EOS trained on its own after the last turn (a template's closing token, a packer's separator) is no turn:
+    # "last" is still the last assistant message
+    ids = [*encoded["input_ids"], tokenizer.eos_token_id]
+    separate = key_mask_from_token_ids(ids, [*labels, tokenizer.eos_token_id], tokenizer, MarkingOptions(turns="last"))
+    assert key_runs(tokenizer, {"input_ids": ids, "sftkey_mask": separate.mask}) == [f"#### 4{EOS}"]
 
 
 # --- the trainers: no silent no-op, and reasoning/multi-turn data end to end ---------------------------------------

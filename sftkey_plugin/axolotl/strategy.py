@@ -34,9 +34,11 @@ from ..tokenize import (
     TURN_COLUMNS,
     MarkingOptions,
     TurnsMarked,
+    answer_turns,
     key_mask_from_token_ids,
     require_fast_tokenizer,
     tokenize_with_key_mask,
+    warn_if_reasoning_dropped,
 )
 
 logger = logging.getLogger("sftkey_plugin")
@@ -51,6 +53,7 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         super().__init__(*args, **kwargs)
         self.marking = marking
         self.on_missing = on_missing
+        self._reasoning_checked = False
         if marking is not None:
             require_fast_tokenizer(self.tokenizer)
 
@@ -125,14 +128,23 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         marking = self.marking
         if marking.reasoning_field is None and self.prompter.template_thinking_key not in REASONING_FIELDS:
             marking = dataclasses.replace(marking, reasoning_field=self.prompter.template_thinking_key)
+        if not self._reasoning_checked:  # once per strategy (per data process), on its first record, as TRL does
+            self._reasoning_checked = True
+            warn_if_reasoning_dropped(example, self.tokenizer, marking, self.prompter.chat_template)
         try:
             marked = tokenize_with_key_mask(example, self.tokenizer, marking, chat_template=self.prompter.chat_template)
         except ValueError as error:  # e.g. no assistant message: nothing to mark
             logger.debug("SFTKey could not mark an example: %s", error)
             return TurnsMarked(mask=[0] * len(input_ids)).columns()
         if list(marked["input_ids"]) != list(input_ids):
-            # Axolotl's render differs from apply_chat_template's (its own turn handling): mark its tokens directly
-            return key_mask_from_token_ids(input_ids, labels, self.tokenizer, marking, prompt).columns()
+            # Axolotl's render differs from apply_chat_template's (its own turn handling): mark its tokens directly,
+            # each trained turn paired with its message so that an answer whose reasoning is apart stays all key
+            answers = [
+                turns[i]["content"] if marking.has_reasoning(turns[i]) else None
+                for i in answer_turns(turns, 0, "all")
+                if turns[i].get("training") is not False
+            ]
+            return key_mask_from_token_ids(input_ids, labels, self.tokenizer, marking, prompt, answers).columns()
         columns = {name: marked[name] for name in TURN_COLUMNS}
         columns[SFTKEY_MASK] = [int(m and label != IGNORE_TOKEN_ID) for m, label in zip(marked[SFTKEY_MASK], labels)]
         if 1 not in columns[SFTKEY_MASK]:  # the key lay only in tokens Axolotl does not train

@@ -24,9 +24,9 @@ from ..tokenize import (
     MarkingOptions,
     describe_data_form,
     mark_token_ids,
-    reasoning_dropped,
     require_fast_tokenizer,
     tokenize_with_key_mask,
+    warn_if_reasoning_dropped,
 )
 
 logger = logging.getLogger("sftkey_plugin")
@@ -221,14 +221,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
         if dataset_name == "train" and len(dataset):
             marking = MarkingOptions.from_arguments(arguments)
             self._sftkey_data_form = describe_data_form(dataset[0], marking, args.dataset_text_field)
-            dropped = reasoning_dropped(dataset[0], tokenizer, marking, self.chat_template)
-            if dropped:
-                logger.warning(
-                    "SFTKey: the chat template does not render the assistant messages' %s (first record): only the "
-                    "answers are trained, in both stages. Use a template that renders it (Qwen3's, for example) or "
-                    "put it into the content with `sftkey convert`.",
-                    dropped,
-                )
+            warn_if_reasoning_dropped(dataset[0], tokenizer, marking, self.chat_template)
         return dataset.map(
             tokenize_with_key_mask,
             fn_kwargs={
