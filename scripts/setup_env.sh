@@ -10,7 +10,9 @@ name=${1:?usage: setup_env.sh trl|axolotl|axolotl-0.21}
 venv=.venvs/$name
 pins=()
 case $name in
-  trl) extras="trl,dev,conformance,plot" ;;  # plot: the README's first command draws the demo's comparison
+  # plot: the README's first command draws the demo's comparison; docs, release: scripts/test.sh builds the docs and
+  # the wheel with this environment
+  trl) extras="trl,dev,conformance,plot,docs,release" ;;
   axolotl) extras="axolotl,dev,conformance" ;;
   # Axolotl 0.21 declares Requires-Python >=3.12, a floor its code does not need (every module parses and runs on
   # 3.11): its frozen Python-3.11 resolution goes in first without dependency resolution, then axolotl itself past

@@ -5,13 +5,23 @@ The core (finders, masking, schedule, loss) imports no training framework; the T
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from .config import SFTKeyArguments
 from .finders import find_key_spans, finder_names, match_key_spans
 from .hookspecs import hookimpl
 
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    """pyproject.toml holds the version; the installed metadata (a wheel or an editable install) carries it here."""
+    try:
+        return importlib.metadata.version("sftkey-plugin")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed (benchmarks/gpu.sh)
+        return "0+unknown"
+
+
+__version__ = _installed_version()
 
 _LAZY = {
     "SFTKeyConfig": "sftkey_plugin.trl",

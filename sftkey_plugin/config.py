@@ -39,7 +39,7 @@ class SFTKeyArguments:
         default="auto",
         metadata={
             "help": "How the key answer is found in each completion: auto, tags, think, gsm8k, boxed, answer_is, "
-            "regex, field, or a finder registered under the 'sftkey_plugin.finders' entry-point group."
+            "content, regex, field, or a finder registered under the 'sftkey_plugin.finders' entry-point group."
         },
     )
     sftkey_finder_options: dict | str | None = field(  # this spelling lets HfArgumentParser take JSON
@@ -64,10 +64,17 @@ class SFTKeyArguments:
         default=None,
         metadata={
             "help": "two_stage: stage 2 starts once this many epochs are done (e.g. 2: with the first step of the 3rd "
-            "epoch), at the trainer's real epoch boundary. Overrides sftkey_stage2_ratio."
+            "epoch), at the trainer's real epoch boundary (its state.epoch), not at a step count converted from "
+            "max_steps, which Axolotl estimates with sample packing. Overrides sftkey_stage2_ratio."
         },
     )
-    sftkey_key_weight: float = field(default=1.0, metadata={"help": "weighted: weight of the key answer tokens."})
+    sftkey_key_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weighted: weight of the key answer tokens (with both weights 1.0 it trains bit for bit as plain "
+            "SFT)."
+        },
+    )
     sftkey_other_weight: float = field(
         default=1.0, metadata={"help": "weighted: weight of the other (reasoning) completion tokens."}
     )
@@ -92,16 +99,17 @@ class SFTKeyArguments:
         default="step",
         metadata={
             "help": "phases: step (each phase's weights hold until the next phase starts) or linear (the weights move "
-            "linearly from one phase's start to the next's, optimizer step by optimizer step).",
+            "linearly from one phase's start to the next's, optimizer step by optimizer step, and hold after the "
+            "last).",
             "choices": list(PHASE_INTERPOLATIONS),
         },
     )
     sftkey_normalize: str = field(
         default="tokens",
         metadata={
-            "help": "weighted: the loss denominator. tokens: the number of loss tokens of the optimizer step (1.0/1.0 "
-            "is plain SFT; larger weights make larger steps), weights: the sum of their weights (a weighted mean, as "
-            "LLaMA-Factory's weighted loss; scaling both weights changes nothing).",
+            "help": "weighted and phases: the loss denominator. tokens: the number of loss tokens of the optimizer "
+            "step (1.0/1.0 is plain SFT; larger weights make larger steps), weights: the sum of their weights (a "
+            "weighted mean, as LLaMA-Factory's weighted loss; scaling both weights changes nothing).",
             "choices": list(NORMALIZE),
         },
     )
@@ -123,7 +131,10 @@ class SFTKeyArguments:
     )
     sftkey_include_eos: bool = field(
         default=True,
-        metadata={"help": "Whether the end-of-turn/EOS token right after the answer is a key token."},
+        metadata={
+            "help": "Whether the end-of-turn/EOS token right after the answer (and any whitespace tokens before it) "
+            "is a key token."
+        },
     )
     sftkey_turns: str = field(
         default="all",
@@ -145,8 +156,8 @@ class SFTKeyArguments:
         default=0.5,
         metadata={
             "help": "Refuse to train when fewer than this share of the training examples keep a key span (after "
-            "truncation) in a mode that needs key tokens (two_stage, key_only, weighted or a phase whose key weight "
-            "differs from its other weight); 0 turns the check off."
+            "truncation) in a mode that needs key tokens (two_stage, key_only, weighted with unequal weights, or "
+            "phases with a phase whose key weight differs from its other weight); 0 turns the check off."
         },
     )
 

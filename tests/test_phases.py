@@ -260,15 +260,15 @@ def test_weights_other_than_zero_and_one_need_per_token_losses(tiny_dir, tmp_pat
         )  # fmt: skip
 
 
-def test_the_readme_examples_are_valid_schedules():
-    """The README's phases block (its soft stage 2, and the ramp in its comments) passes validation as written."""
+def test_the_docs_examples_are_valid_schedules():
+    """The docs' phases block (its soft stage 2, and the ramp in its comments) passes validation as written."""
     import re
     from pathlib import Path
 
     import yaml
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Phases") : readme.index("### Finders")]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = page[page.index("## Phases") :]
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     soft = yaml.safe_load(block)
     ramp = yaml.safe_load("\n".join(line[2:] for line in block.splitlines() if line.startswith("# sftkey")))

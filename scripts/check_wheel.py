@@ -1,0 +1,155 @@
+"""Exercise the installed sftkey-plugin wheel; run by scripts/check_wheel.sh with ``python -I`` from an empty folder.
+
+Fails (exit 1, via AssertionError) unless the package comes from the installed wheel, its version is the metadata's,
+every public name imports, every entry point resolves, and the ``sftkey`` command and its subcommands run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.metadata as metadata
+import json
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+DIST = "sftkey-plugin"
+# The TRL extra is installed; Axolotl is not (4 GB): its entry points are checked without importing axolotl
+OPTIONAL_FRAMEWORKS = {"axolotl"}
+
+
+def check_installed_from_wheel(dist_dir: Path) -> metadata.Distribution:
+    """The package is the wheel's files in site-packages, not an editable or source-tree import."""
+    import sftkey_plugin
+
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert Path(sftkey_plugin.__file__).resolve().is_relative_to(site), sftkey_plugin.__file__
+    dist = metadata.distribution(DIST)
+    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    assert "archive_info" in direct_url and not direct_url.get("dir_info"), direct_url
+    wheels = [path.name for path in dist_dir.glob("*.whl")]
+    assert wheels == [f"sftkey_plugin-{dist.version}-py3-none-any.whl"], (wheels, dist.version)
+    assert sftkey_plugin.__version__ == dist.version, (sftkey_plugin.__version__, dist.version)
+    return dist
+
+
+def check_public_names() -> list[str]:
+    """Every name in the ``__all__`` of the package and of its TRL adapter imports (the lazy ones included)."""
+    imported = []
+    for module_name in ("sftkey_plugin", "sftkey_plugin.trl"):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module_name}.{name}"
+            imported.append(f"{module_name}.{name}")
+    return imported
+
+
+def _bound_at_top_level(path: Path, name: str) -> bool:
+    """Whether a module's source defines or imports ``name`` at its top level (checked without importing it)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+            return True
+        if isinstance(node, ast.ImportFrom | ast.Import) and any((a.asname or a.name) == name for a in node.names):
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return True
+    return False
+
+
+def _module_file(dist: metadata.Distribution, module: str) -> Path:
+    """The installed file of a module of the wheel, found in its RECORD (find_spec would import the parents)."""
+    stem = module.replace(".", "/")
+    for file in dist.files or []:
+        if str(file) in (f"{stem}.py", f"{stem}/__init__.py"):
+            return Path(str(dist.locate_file(file)))
+    raise AssertionError(f"the wheel has no module {module}")
+
+
+def check_entry_point(dist: metadata.Distribution, entry_point: metadata.EntryPoint) -> str:
+    """Load the entry point; one whose module needs a framework not installed here (Axolotl) is checked statically:
+    its module is a file the wheel installed, and it defines or imports the attribute at its top level."""
+    try:
+        entry_point.load()
+        return "loaded"
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in OPTIONAL_FRAMEWORKS:
+            raise
+        missing = error.name
+    path = _module_file(dist, entry_point.module)
+    assert path.is_file(), path
+    assert entry_point.attr is None or _bound_at_top_level(path, entry_point.attr), entry_point
+    return f"defined in {path.name} (not imported: needs {missing})"
+
+
+def check_entry_points(dist: metadata.Distribution) -> dict[str, str]:
+    """Every entry point the wheel declares resolves; the groups users rely on are there."""
+    groups = {entry_point.group for entry_point in dist.entry_points}
+    expected = {"console_scripts", "sftkey_plugin.finders", "axolotl.cli_commands"}
+    assert expected <= groups, groups
+    return {f"{ep.group}: {ep.name} = {ep.value}": check_entry_point(dist, ep) for ep in dist.entry_points}
+
+
+def check_finders_come_from_the_entry_point() -> None:
+    """The built-in finders are registered through the installed entry point, not the source-checkout fallback."""
+    from sftkey_plugin import find_key_spans, finder_names
+    from sftkey_plugin.hookspecs import get_plugin_manager
+
+    distinctions = get_plugin_manager().list_plugin_distinfo()
+    assert any(d.project_name == DIST and p.__name__ == "sftkey_plugin.finders" for p, d in distinctions), distinctions
+    assert {"tags", "gsm8k", "boxed", "answer_is"} <= set(finder_names()), finder_names()
+    text = "<Thinking>2+2</Thinking>\n<Answer>4</Answer>"
+    assert find_key_spans(text, "tags") == [(len("<Thinking>2+2</Thinking>"), len(text))]
+
+
+def sftkey(*arguments: str) -> str:
+    """Run the installed ``sftkey`` console script; its stdout, or an AssertionError with its output."""
+    command = [str(Path(sys.executable).parent / "sftkey"), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def check_commands(version: str) -> list[str]:
+    """``sftkey --help``, ``--version`` and every subcommand's ``--help`` (the subcommands as the parser lists them)."""
+    from sftkey_plugin.cli.main import build_parser
+
+    assert "sftkey demo" in sftkey("--help")
+    assert sftkey("--version").strip() == f"sftkey {version}"
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in subparsers.choices:
+        assert f"usage: sftkey {name}" in sftkey(name, "--help"), name
+    return sorted(subparsers.choices)
+
+
+def check_demo(output_dir: Path) -> float:
+    """``sftkey demo --quick`` trains and scores its arms through the installed TRL adapter; its wall time."""
+    started = time.perf_counter()
+    report = json.loads(sftkey("demo", "--quick", "--device", "cpu", "--json", "--output-dir", str(output_dir)))
+    assert report["steps"] == 20 and len(report["arms"]) >= 2, report
+    for arm, summary in report["arms"].items():
+        assert 0 <= summary["accuracy"] <= 1 and summary["steps"] > 0, (arm, summary)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dist", type=Path, required=True, help="the folder holding the built wheel")
+    dist_dir = parser.parse_args().dist
+    dist = check_installed_from_wheel(dist_dir)
+    print(f"installed from the wheel: {DIST} {dist.version}")
+    print(f"public names import: {', '.join(check_public_names())}")
+    for entry_point, how in check_entry_points(dist).items():
+        print(f"entry point {entry_point}: {how}")
+    check_finders_come_from_the_entry_point()
+    print("finders: registered through the installed entry point")
+    print(f"sftkey --help, --version and --help of: {', '.join(check_commands(dist.version))}")
+    print(f"sftkey demo --quick: {check_demo(Path.cwd() / 'demo'):.0f} s")
+
+
+if __name__ == "__main__":
+    main()
