@@ -16,3 +16,5 @@ exclude_patterns = ["_build"]
 myst_heading_anchors = 3
 html_theme = "furo"
 html_title = "sftkey-plugin"
+# option values and patterns in prose are copied into configs: keep ' " and ... as typed
+smartquotes = False
