@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from types import FrameType
@@ -75,7 +76,17 @@ class SFTKeyCallback(TrainerCallback):
             unit = arguments.sftkey_phase_unit
             starts = [phase["start"] for phase in parse_phases(arguments.sftkey_phases)]
             if unit == "ratio":
-                starts = [stage2_start_step(max_steps=max_steps, num_train_epochs=1, ratio=s) for s in starts]
+                ratios, starts = (
+                    starts,
+                    [stage2_start_step(max_steps=max_steps, num_train_epochs=1, ratio=s) for s in starts],
+                )
+                idle = [number for number, (start, end) in enumerate(itertools.pairwise(starts), 1) if end <= start]
+                if idle:
+                    raise ValueError(
+                        f"sftkey_phases start at {[f'{r:g}' for r in ratios]} of the run, which are optimizer steps "
+                        f"{starts} of {max_steps}: phase {', '.join(map(str, idle))} would get no step. Space the "
+                        "starts further apart, train for more steps, or give whole steps with sftkey_phase_unit: steps."
+                    )
             in_epochs, linear = unit == "epoch", arguments.sftkey_phase_interpolation == "linear"
         else:
             steps, ratio, epoch = self._stage2_start()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SFTKeyArguments, needs_key_tokens
+from .config import SFTKeyArguments, mode_weights, needs_key_tokens
 from .finders import finder_chain
 from .masking import IGNORE_INDEX
 
@@ -119,6 +119,15 @@ _WITHOUT_KEYS = {
 }
 
 
+def _without_keys(arguments: SFTKeyArguments) -> str:
+    """What the mode would train without key tokens, for the refusal."""
+    if all(key == 0 for key, _ in mode_weights(arguments)):
+        return (
+            "the answers it leaves out (key weight 0) could not be told apart, so they would be trained like the rest"
+        )
+    return _WITHOUT_KEYS[arguments.sftkey_mode]
+
+
 def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataStats:
     """Counts of rows that hold ``labels`` and ``sftkey_mask`` (only trained key tokens), with the ``TurnsMarked``
     columns ``sftkey_finder``, ``sftkey_turns`` and ``sftkey_turns_found`` where the rows were marked here (a row
@@ -158,7 +167,7 @@ def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: 
     lines = [
         f"SFTKey will not train: {stats.complete} of {stats.examples} {stats.name} examples "
         f"({stats.complete_share:.1%}) keep a key span, below sftkey_min_found={arguments.sftkey_min_found}; "
-        f"sftkey_mode={arguments.sftkey_mode} needs key tokens ({_WITHOUT_KEYS[arguments.sftkey_mode]}).",
+        f"sftkey_mode={arguments.sftkey_mode} needs key tokens ({_without_keys(arguments)}).",
         f"Data form: {data_form}. Finders tried: {', '.join(tried)}.",
         f"{stats.missing} examples have no key span"
         + (f" ({stats.not_located} whose answer the chat template altered)" if stats.not_located else "")

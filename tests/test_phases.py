@@ -108,6 +108,19 @@ def test_weighs_tokens_tells_when_per_token_losses_are_needed(values, weighs):
     assert weighs_tokens(arguments) is weighs
 
 
+def test_ratio_starts_that_fall_on_one_step_are_refused_with_the_steps():
+    """0, 0.3 and 0.4 of 4 steps are steps 0, 2 and 2: phase 2 would never run (the log read "steps 3-2")."""
+    from sftkey_plugin.callback import SFTKeyCallback
+
+    arguments = SFTKeyArguments(
+        sftkey=True, sftkey_mode="phases", sftkey_phases=phases((0, 1, 1), (0.3, 2, 1), (0.4, 3, 1))
+    )
+    validate_sftkey_arguments(arguments)
+    with pytest.raises(ValueError, match=r"optimizer steps \[0, 2, 2\] of 4: phase 2 would get no step"):
+        SFTKeyCallback(arguments).resolve(max_steps=4, num_train_epochs=1)
+    assert len(SFTKeyCallback(arguments).resolve(max_steps=10, num_train_epochs=1).phases) == 3  # steps 0, 3, 4
+
+
 def test_phases_from_a_command_line_json_string():
     (config,) = HfArgumentParser(SFTKeyConfig).parse_args_into_dataclasses(
         ["--output_dir", "unused", "--bf16", "false", "--sftkey", "true", "--sftkey_mode", "phases",

@@ -386,6 +386,11 @@ def test_trl_min_found_threshold_and_off_switches(tiny_dir: str, tmp_path: Path)
     alike = [{"start": 0, "key_weight": 1, "other_weight": 1}, {"start": 0.5, "key_weight": 0.5, "other_weight": 0.5}]
     trainer_for(tiny_dir, keyless_records(), tmp_path / "pa", sftkey=True, sftkey_mode="phases", sftkey_phases=alike,
                 **PER_TOKEN)  # fmt: skip
+    # leaving the answers out (key weight 0) needs to find them: refused, and the message says why
+    without = [{"start": 0, "key_weight": 0, "other_weight": 1}]
+    with pytest.raises(ValueError, match=r"the answers it leaves out \(key weight 0\) could not be told apart"):
+        trainer_for(tiny_dir, keyless_records(), tmp_path / "p0", sftkey=True, sftkey_mode="phases",
+                    sftkey_phases=without)  # fmt: skip
 
 
 def test_trl_refuses_when_truncation_cut_every_key(tiny_dir: str, tmp_path: Path) -> None:
