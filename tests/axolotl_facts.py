@@ -18,7 +18,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin, PluginManager
 from transformers import TrainerCallback
 
-TIMING_KEYS = ("runtime", "per_second", "total_flos", "tokens_per_second")
+TIMING_KEYS = ("runtime", "per_sec", "total_flos")
 
 
 def _name(value: Any) -> str | None:
