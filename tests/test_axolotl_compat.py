@@ -5,6 +5,7 @@ plugin's import cost and dependencies, the rule for handing ``num_items_in_batch
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -22,17 +23,19 @@ from test_axolotl import (
     LISTED,
     PLUGIN,
     _base_config,
+    _config,
     _env,
     _full_finetune_config,
     _train,
     _write,
+    axolotl_env,
     workdir,
 )
 from test_trl import GRAD_RTOL, assert_gradients_close, hand_step
 
 pytestmark = pytest.mark.axolotl
 
-__all__ = ["workdir"]  # the fixture, used by name
+__all__ = ["axolotl_env", "workdir"]  # the fixtures, used by name
 
 TESTS = Path(__file__).resolve().parent
 
@@ -51,6 +54,33 @@ def test_plugin_is_discovered_exactly_where_axolotl_discovers():
     assert hasattr(base, "get_builtin_plugins") == DISCOVERY == plugin_discovered()
     if DISCOVERY:
         assert PLUGIN in base.get_builtin_plugins() and PLUGIN in base.PluginManager.get_instance().plugins
+
+
+def _quickstart_yaml() -> list[dict]:
+    """The YAML blocks of the README's Axolotl quickstart, as written."""
+    import yaml
+
+    readme = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    quickstart = readme.split("<!-- quickstart-axolotl:start -->")[1].split("<!-- quickstart-axolotl:end -->")[0]
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", quickstart, re.S)]
+
+
+def test_readme_axolotl_quickstart_as_written(axolotl_env, workdir):
+    """The README's quickstart: its config without ``plugins:`` is SFTKey on Axolotl 0.21 and plain Axolotl on 0.19
+    (the keys dropped), and with the ``plugins:`` lines it shows for 0.19 it is SFTKey on both."""
+    from axolotl.integrations.base import PluginManager
+
+    from sftkey_plugin.axolotl.trainer import SFTKeyAxolotlTrainer
+
+    alone, listing = _quickstart_yaml()
+    assert "plugins" not in alone and listing == {"plugins": [PLUGIN], "sftkey": True}
+    base = _config(workdir, "quickstart", {})  # the tiny model and the tests' run settings
+    dataset = {**alone["datasets"][0], "path": workdir["data"], "ds_type": "json"}
+    for written, sftkey in ((alone, DISCOVERY), ({**alone, **listing}, True)):
+        cfg = axolotl_env({**base, **written, "datasets": [dataset]})
+        enabled = PluginManager.get_instance().get_trainer_cls(cfg) is SFTKeyAxolotlTrainer
+        assert enabled is sftkey and (cfg.sftkey_mode == "two_stage") is sftkey
+        assert cfg.datasets[0].type == ("sftkey_plugin.axolotl.strategy" if sftkey else "chat_template")
 
 
 LIGHT_IMPORT = """
