@@ -5,6 +5,7 @@ plugin's import cost and dependencies, the rule for handing ``num_items_in_batch
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -81,6 +82,32 @@ def test_readme_axolotl_quickstart_as_written(axolotl_env, workdir):
         enabled = PluginManager.get_instance().get_trainer_cls(cfg) is SFTKeyAxolotlTrainer
         assert enabled is sftkey and (cfg.sftkey_mode == "two_stage") is sftkey
         assert cfg.datasets[0].type == ("sftkey_plugin.axolotl.strategy" if sftkey else "chat_template")
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_strategy_type_without_sftkey_names_what_is_missing(axolotl_env, workdir):
+    """A dataset typed ``sftkey_plugin.axolotl.strategy`` without ``sftkey: true`` is tokenised as plain
+    ``chat_template``, with a warning that names the cause: where Axolotl loaded the plugin (0.21's entry point, or
+    the ``plugins:`` list) it is ``sftkey``, on 0.19 without the list it is the list."""
+    from test_axolotl import _strategy
+
+    dataset = {"path": workdir["data"], "ds_type": "json", "type": "sftkey_plugin.axolotl.strategy"}
+    handler, logger = _Messages(), logging.getLogger("sftkey_plugin")
+    logger.addHandler(handler)
+    try:
+        _strategy(axolotl_env, _config(workdir, "strategy_off", {"datasets": [dataset]}))
+    finally:
+        logger.removeHandler(handler)
+    expected = "sftkey is not true" if DISCOVERY else f"the plugin is not listed under plugins: (add {PLUGIN})"
+    assert any(expected in message for message in handler.messages), handler.messages
 
 
 LIGHT_IMPORT = """

@@ -169,12 +169,14 @@ class SFTKeyStrategyLoader(StrategyLoader):
             params["on_missing"] = arguments.sftkey_on_missing
         else:
             from .args import PLUGIN_NAME
+            from .plugin import plugin_discovered
 
-            listed = PLUGIN_NAME in (cfg.get("plugins") or [])
+            # listed, or loaded from its entry point (Axolotl 0.21)
+            loaded = PLUGIN_NAME in (cfg.get("plugins") or []) or plugin_discovered()
             logger.warning(
                 "SFTKey: a dataset uses type sftkey_plugin.axolotl.strategy but %s: it is tokenised as plain "
                 "chat_template, without key marking.",
-                "sftkey is not true" if listed else f"the plugin is not listed under plugins: (add {PLUGIN_NAME})",
+                "sftkey is not true" if loaded else f"the plugin is not listed under plugins: (add {PLUGIN_NAME})",
             )
         return params
 
