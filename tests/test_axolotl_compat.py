@@ -21,15 +21,13 @@ pytest.importorskip("axolotl")
 
 from test_axolotl import (
     DISCOVERY,
-    LISTED,
     PLUGIN,
     _base_config,
     _config,
     _env,
-    _full_finetune_config,
-    _train,
     _write,
     axolotl_env,
+    recorded_run,
     workdir,
 )
 from test_trl import GRAD_RTOL, assert_gradients_close, hand_step
@@ -227,19 +225,8 @@ def test_use_dft_weighs_the_dft_loss(workdir, tiny_dir):
     """``use_dft: true`` + ``weighted`` 3.0/0.5 through ``axolotl train``: the first step's loss and gradients are
     ``sum(w * p * NLL) / n``, DFT's per-token loss weighted (as on the TRL side with ``loss_type="dft"``), not DFT
     plus a plain-NLL correction; before, the run stopped (the trainer read the labels that DFT's loss path pops)."""
-    overrides = {
-        "plugins": ["axolotl_recorder.TrainingRecorder", *LISTED],
-        "use_dft": True,
-        "sftkey_mode": "weighted",
-        "sftkey_key_weight": 3.0,
-        "sftkey_other_weight": 0.5,
-        "max_steps": 1,
-        "save_strategy": "no",
-        "save_steps": None,
-    }
-    path, config = _full_finetune_config(workdir, "dft_weighted", overrides)
-    _train([sys.executable, "-m", "axolotl.cli.train", str(path)], workdir)
-    record = torch.load(Path(config["output_dir"]) / "record-rank0.pt")
+    overrides = {"use_dft": True, "sftkey_mode": "weighted", "sftkey_key_weight": 3.0, "sftkey_other_weight": 0.5}
+    record = recorded_run(workdir, "dft_weighted", {**overrides, "max_steps": 1})
     rows = record["first_rows"]
     expected, expected_grads = hand_step(tiny_dir, rows, key_weight=3.0, other_weight=0.5, dft=True)
     assert record["logs"][0]["loss"] == pytest.approx(expected, rel=GRAD_RTOL)
