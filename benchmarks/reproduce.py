@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sftkey_plugin.cli.demo import ARM_LABELS, parse_arms
+from sftkey_plugin.cli.demo import ARM_LABELS, name_the_cpu_accelerator, parse_arms
 
 # the seven schedules of the weight-schedule study; key_only and the controls run only when asked for
 ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
@@ -255,6 +255,7 @@ def main() -> None:
                         "in these files (per-unit files, or whole-run JSON files of earlier versions)")  # fmt: skip
     parser.add_argument("--json", help="write the summary (and, after a run, every unit) here")
     options = parser.parse_args()
+    name_the_cpu_accelerator(options.device)
 
     if options.summarise:
         units = read_units(options.summarise)

@@ -13,7 +13,8 @@ Evaluation never masks: ``eval_loss`` stays the loss of every completion token, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import TrainerState
@@ -34,6 +35,32 @@ from .loss import (
     weight_sum,
 )
 from .schedule import PhasePoint, weighs
+
+T = TypeVar("T")
+
+
+def main_process_first(prepare: Callable[[], T]) -> T:
+    """``prepare()`` on the main process first, then on the others (which read its cached results), as TRL and
+    Axolotl prepare data. A refusal on any process is shared once all are past the barrier: every process stops with
+    the same message, none waits at a barrier for the launcher's timeout."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    failure: Exception | None = None
+    with state.main_process_first():
+        try:
+            result = prepare()
+        except Exception as error:  # raised after the barrier, on every process
+            failure = error
+    if state.num_processes > 1:
+        messages = gather_object([None if failure is None else str(failure)])
+        first = next((m for m in messages if m is not None), None)
+        if failure is None and first is not None:
+            raise ValueError(first)
+    if failure is not None:
+        raise failure
+    return result
 
 
 def per_token_values(
@@ -84,7 +111,13 @@ class SFTKeyLossMixin:
             self.sftkey_callback = SFTKeyCallback(arguments)
             self.add_callback(self.sftkey_callback)
         self.sftkey_callback.bound = True
-        self._sftkey_sums: dict[str, tuple[torch.Tensor, PhasePoint]] = {}  # mode -> (metric sums, phase) since log
+        # "train" / "eval" -> (this process's metric sums since they were last reduced, phase); then the reduced
+        # metrics, reduced where every process is (a training step that logs, the end of an evaluation loop), until
+        # the log that reports them
+        self._sftkey_sums: dict[str, tuple[torch.Tensor, PhasePoint]] = {}
+        self._sftkey_ready: dict[str, dict[str, float]] = {}
+        self._sftkey_eval_prefix: str | None = None  # the metric_key_prefix of the evaluate() running
+        self._sftkey_logging_step = False
         self._sftkey_outputs: Any = None
         self._sftkey_capturing = False
         forward_module.register_forward_hook(self._sftkey_capture)
@@ -152,7 +185,12 @@ class SFTKeyLossMixin:
         ).sum()
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total[None]).sum()
-        return total.clamp(min=1.0)  # as TRL clamps its denominator: a step whose weights sum below 1 is not scaled up
+        # as TRL clamps its denominator (a step whose weights sum below 1 is not scaled up), then as transformers
+        # divides its token count by the tensor/context/sequence-parallel processes that share one batch
+        shared = 1
+        for getter in ("get_tp_size", "get_cp_size", "get_sp_size"):
+            shared *= getattr(self, getter)() if hasattr(self, getter) else 1
+        return total.clamp(min=1.0) / shared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         if not self._sftkey_active:
@@ -233,21 +271,93 @@ class SFTKeyLossMixin:
             scored = torch.zeros_like(scored)  # nothing per-token to score: only counts are logged
         else:
             nll, is_top1 = values
-        sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
         mode = "train" if self.model.training else "eval"
-        # kept on the device until logged: a copy to the host here would wait for the GPU every micro-batch
+        if mode == "eval" and not self._sftkey_eval_packed():
+            # every process evaluates each batch: gathered per row, so that the rows accelerate repeats to even out
+            # the last batch are left out, as transformers leaves them out of eval_loss
+            rows = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask), per_row=True)
+            sums = self.accelerator.gather_for_metrics(rows).sum(0)
+        else:
+            sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
+        # kept on the device until reduced: a copy to the host here would wait for the GPU every micro-batch
         if mode in self._sftkey_sums:
             sums = sums + self._sftkey_sums[mode][0]
         self._sftkey_sums[mode] = (sums, point)
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        buffered = self._sftkey_sums.pop(mode, None) if self._sftkey_active else None
-        if buffered is not None:
-            sums, point = buffered
-            # one collective per log, not per micro-batch: every process logs at the same step, with its own sums
+    def _sftkey_reduce(self, mode: str, reduced: bool) -> None:
+        """Turn this mode's buffered sums into metrics (summed over processes unless ``reduced`` already), held for
+        the next log. Every process calls it at the same point: it may be a collective."""
+        buffered = self._sftkey_sums.pop(mode, None)
+        if buffered is None:
+            return
+        sums, point = buffered
+        if not reduced:
             sums = self.accelerator.gather(sums[None]).sum(0)
-            prefix = "eval_" if mode == "eval" else ""
+        self._sftkey_ready[mode] = metrics_from_sums(sums.cpu(), point, mode == "train")
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        # where every process is after an optimizer step, and knows whether the step logs: reduce there, so that the
+        # log itself holds no collective (a log() some processes skip, from a user's callback, cannot hang)
+        logging = self.control.should_log and self.state.global_step > self._globalstep_last_logged  # type: ignore[attr-defined]
+        if not (self._sftkey_active and logging):  # Trainer's own condition for this step's log
+            return super()._maybe_log_save_evaluate(*args, **kwargs)  # type: ignore[misc]
+        self._sftkey_reduce("train", reduced=False)
+        self._sftkey_logging_step = True  # the training log is the one this step writes, not a user's
+        try:
+            return super()._maybe_log_save_evaluate(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._sftkey_logging_step = False
+            self._sftkey_ready.pop("train", None)
+
+    def _sftkey_eval_packed(self) -> bool:
+        """Whether evaluation rows hold several examples (TRL's packing or padding-free, Axolotl's sample packing): then
+        they cannot be told apart from the examples accelerate repeats to even out the last batch."""
+        args = self.args
+        packing = getattr(args, "eval_packing", None)
+        packing = getattr(args, "packing", False) if packing is None else packing
+        sample_packing = getattr(args, "eval_sample_packing", None)
+        sample_packing = getattr(args, "sample_packing", False) if sample_packing is None else sample_packing
+        return bool(packing or sample_packing or getattr(args, "padding_free", False))
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._sftkey_active:
+            return super().evaluation_loop(*args, **kwargs)  # type: ignore[misc]
+        self._sftkey_sums.pop("eval", None)  # what an interrupted loop left
+        output = super().evaluation_loop(*args, **kwargs)  # type: ignore[misc]
+        # unpacked rows were gathered batch by batch already (_sftkey_record); packed ones are summed here
+        self._sftkey_reduce("eval", reduced=not self._sftkey_eval_packed())
+        return output
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        # the metrics of this evaluation go to this log, under its own prefix (not to a training log, whatever the
+        # prefix, nor to a later evaluation)
+        if not self._sftkey_active:
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+        prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
+        self._sftkey_eval_prefix = prefix
+        try:
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._sftkey_eval_prefix = None
+            self._sftkey_ready.pop("eval", None)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().predict(*args, **kwargs)  # type: ignore[misc]
+        metrics = self._sftkey_ready.pop("eval", None) if self._sftkey_active else None
+        if metrics is not None:  # predict() logs nothing: its metrics come back with its output, under its prefix
+            prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "test")
+            output.metrics.update({f"{prefix}_{k}": v for k, v in metrics.items()})
+        return output
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if not self._sftkey_active:
+            return super().log(logs, *args, **kwargs)  # type: ignore[misc]
+        prefix = self._sftkey_eval_prefix
+        if prefix is not None:
+            metrics = self._sftkey_ready.pop("eval", None)
+        else:  # training metrics go to the training log of a logging step only
+            metrics = self._sftkey_ready.pop("train", None) if self._sftkey_logging_step else None
+        if metrics is not None:
             # in place, as Trainer.evaluate returns the dict it logged
-            logs.update({prefix + k: v for k, v in metrics_from_sums(sums.cpu(), point, mode == "train").items()})
+            logs.update({(f"{prefix}_" if prefix else "") + k: v for k, v in metrics.items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

@@ -111,11 +111,13 @@ def key_metric_sums(
     scored: torch.Tensor,
     completion: torch.Tensor,
     shifted_key_mask: torch.Tensor,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Sums to reduce across micro-batches and processes before dividing.
 
     ``scored``: tokens in this step's loss; ``completion``: tokens trained in stage 1 (both aligned with ``nll``).
-    Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens]``.
+    Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens]``, or with
+    ``per_row`` one such row per batch row.
     """
     # products and sums only (no boolean indexing), so nothing waits for the device
     nll = nll.detach().float()
@@ -125,9 +127,10 @@ def key_metric_sums(
     key_scored = key * scored
     other_scored = scored - key_scored
     right = is_top1.to(nll.device).float() * key_scored if is_top1 is not None else torch.zeros_like(key)
-    counts = [key_scored, right, other_scored, key, completion]
-    k, r, o, kt, ct = (x.sum() for x in counts)
-    return torch.stack([(nll * key_scored).sum(), k, r, (nll * other_scored).sum(), o, kt, ct])
+    columns = [nll * key_scored, key_scored, right, nll * other_scored, other_scored, key, completion]
+    if per_row:
+        return torch.stack([column.flatten(1).sum(1) for column in columns], dim=1)
+    return torch.stack([column.sum() for column in columns])
 
 
 def metrics_from_sums(sums: torch.Tensor, point: PhasePoint, training: bool = True) -> dict[str, float]:

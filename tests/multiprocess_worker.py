@@ -4,6 +4,8 @@
 processes (gloo), saved to ``OUT_DIR/<mode>.pt``.
 ``python tests/multiprocess_worker.py interrupt TINY_DIR OUT_DIR READY_FILE``: a two-stage run that stalls right
 after writing its stage-2 checkpoint, so the test can kill it with a real signal.
+``torchrun ... rank0_log TINY_DIR OUT_DIR``: a run whose user callback logs on process 0 only.
+``torchrun ... refuse TINY_DIR OUT_DIR``: a run refused while the main process prepares the data first.
 ``record_micro_batches`` and ``training_record`` also serve the Axolotl runs (``axolotl_recorder.py``).
 """
 
@@ -203,6 +205,30 @@ def main_interrupt(tiny_dir: str, out_dir: str, ready_file: str) -> None:
     trainer.train()
 
 
+def main_rank0_log(tiny_dir: str, out_dir: str) -> None:
+    """Two_stage for 4 steps, with a user's callback that logs on process 0 only after each optimizer step (where the
+    step's sftkey/* sums are buffered; a log in on_step_end would also skip the trainer's own log, stock too)."""
+    trainer = trainer_for(tiny_dir, mixed_records(), out_dir, sftkey=True, per_device_train_batch_size=2,
+                          max_steps=STEPS, **MODES["two_stage"])  # fmt: skip
+
+    class LogOnMainOnly(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.is_world_process_zero:
+                trainer.log({"user/main_only": float(state.global_step + 1)})
+
+    trainer.add_callback(LogOnMainOnly())
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        torch.save(trainer.state.log_history, Path(out_dir) / "log_history.pt")
+
+
+def main_refuse(tiny_dir: str, out_dir: str) -> None:
+    """Keyless data with sftkey_on_missing=error: refused while the main process prepares the data first."""
+    records = [keyless_record(i) for i in range(8)]
+    trainer_for(tiny_dir, records, out_dir, sftkey=True, sftkey_on_missing="error", per_device_train_batch_size=2)
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"modes": main_modes, "interrupt": main_interrupt}[command](*arguments)
+    commands = {"modes": main_modes, "interrupt": main_interrupt, "rank0_log": main_rank0_log, "refuse": main_refuse}
+    commands[command](*arguments)

@@ -83,6 +83,38 @@ def two_process_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+def launch_two(command: str, tiny_dir: str, out: Path) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2`` of a worker command; a hang fails at the timeout."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run([*launch, str(WORKER), command, tiny_dir, str(out)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_a_log_on_one_process_only_neither_hangs_nor_takes_the_metrics(tiny_dir: str, tmp_path: Path) -> None:
+    """The sftkey/* sums are reduced at the step end of a logging step, which every process reaches, not inside
+    log(): a user's callback that logs on process 0 only does not wait for the other process (it used to hang), and
+    its log entry carries none of the training metrics, which stay with the training log of each step."""
+    done = launch_two("rank0_log", tiny_dir, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    history = torch.load(tmp_path / "log_history.pt")
+    user = [h for h in history if "user/main_only" in h]
+    training = [h for h in history if "loss" in h]
+    assert [h["user/main_only"] for h in user] == [1.0, 2.0, 3.0, 4.0]
+    assert not any(key.startswith("sftkey/") for h in user for key in h)
+    assert [h["sftkey/stage"] for h in training] == [1, 1, 2, 2] and all("sftkey/key_fraction" in h for h in training)
+
+
+def test_a_refusal_while_the_main_process_prepares_first_stops_every_process(tiny_dir: str, tmp_path: Path) -> None:
+    """The refusal is raised on process 0 inside main_process_first; process 1 used to wait at the closing barrier
+    until the launcher's timeout. Both now stop promptly, non-zero, with the message."""
+    started = time.monotonic()
+    done = launch_two("refuse", tiny_dir, tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("SFTKey: 8 of 8 train examples have no key span") >= 2, output[-5000:]  # on each process
+    assert time.monotonic() - started < 200
+
+
 COMPARED_LOGS = ("loss", "grad_norm", "sftkey/stage", "sftkey/key_fraction", "sftkey/key_loss",
                  "sftkey/key_token_accuracy", "sftkey/reasoning_loss")  # fmt: skip
 
@@ -633,6 +665,6 @@ def test_key_mask_only_on_padding(tiny_dir: str, tmp_path: Path) -> None:
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(0))
     assert loss.item() == 0.0
-    trainer.log({"loss": loss.item()})
-    metrics = trainer.state.log_history[-1]
+    trainer._sftkey_reduce("train", reduced=True)  # as a logging step does (one process: nothing to gather)
+    metrics = trainer._sftkey_ready["train"]
     assert metrics["sftkey/key_fraction"] == 0.0 and "sftkey/key_loss" not in metrics

@@ -489,6 +489,67 @@ def test_evaluation_scores_every_completion_token_and_logs_both_parts(tiny_dir, 
     assert metrics["eval_loss"] == pytest.approx(mixed, rel=1e-4)
 
 
+def test_each_evaluation_reports_its_own_metrics_under_its_prefix(tiny_dir, tmp_path):
+    """evaluate(metric_key_prefix=...) and predict() report their sftkey/* metrics under their prefix and leave
+    nothing for the next evaluation; an evaluation run from a callback in the middle of training does not take (or
+    add to) the training log's metrics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    records = arithmetic_records(8, seed=10, form="prompt_completion")
+
+    def build(out, callbacks=None):
+        return SFTKeyTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+            args=config(out, sftkey=True, sftkey_stage2_steps=1, max_steps=3, per_device_eval_batch_size=4),
+            train_dataset=Dataset.from_list(records),
+            eval_dataset=Dataset.from_list(records),
+            processing_class=AutoTokenizer.from_pretrained(tiny_dir),
+            callbacks=callbacks,
+        )
+
+    def sftkey_metrics(metrics, prefix):
+        return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(f"{prefix}sftkey/")}
+
+    def halves(trainer):  # the prepared evaluation rows, in two
+        return trainer.eval_dataset.select(range(4)), trainer.eval_dataset.select(range(4, 8))
+
+    alone = {}
+    for name, half in (("first", 0), ("second", 1)):
+        fresh = build(tmp_path / name)
+        alone[name] = sftkey_metrics(fresh.evaluate(halves(fresh)[half]), "eval_")
+    assert set(alone["first"]) == {
+        "sftkey/stage", "sftkey/key_fraction", "sftkey/key_loss", "sftkey/key_token_accuracy", "sftkey/reasoning_loss"
+    }  # fmt: skip
+    assert alone["first"]["sftkey/key_loss"] != pytest.approx(alone["second"]["sftkey/key_loss"], rel=1e-3)
+    trainer = build(tmp_path / "eval")
+    first, second = halves(trainer)
+    # each one reports its own data only (what one left behind would move the next one's means)
+    assert sftkey_metrics(trainer.evaluate(first, metric_key_prefix="test"), "test_") == pytest.approx(alone["first"])
+    assert sftkey_metrics(trainer.evaluate(second), "eval_") == pytest.approx(alone["second"])
+    assert sftkey_metrics(trainer.predict(first).metrics, "test_") == pytest.approx(alone["first"])
+    assert sftkey_metrics(trainer.evaluate(second), "eval_") == pytest.approx(alone["second"])
+    logged = {k for h in trainer.state.log_history for k in h if "sftkey/" in k}
+    assert logged and all(k.startswith(("eval_", "test_")) for k in logged)
+
+    class EvaluateMidway(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 2:  # between step 2's log and step 3
+                midway.evaluate(metric_key_prefix="mid")
+
+    plain, midway = build(tmp_path / "plain"), build(tmp_path / "mid", [EvaluateMidway()])
+    plain.train()
+    midway.train()
+    train_logs = [
+        {k: v for k, v in h.items() if k.startswith("sftkey/")} for h in plain.state.log_history if "loss" in h
+    ]
+    assert [
+        {k: v for k, v in h.items() if k.startswith("sftkey/")} for h in midway.state.log_history if "loss" in h
+    ] == (train_logs)
+    assert len(train_logs) == 3 and all("sftkey/key_loss" in h for h in train_logs)
+    (mid,) = [h for h in midway.state.log_history if "mid_loss" in h]
+    assert mid["mid_sftkey/key_loss"] > 0 and "sftkey/key_loss" not in mid
+
+
 def test_sftkey_off_leaves_the_trainer_stock(tiny_dir, tmp_path):
     records = arithmetic_records(8, seed=11, form="prompt_completion")
     trainer = trainer_for(tiny_dir, records, tmp_path / "off", sftkey=False, max_steps=2)

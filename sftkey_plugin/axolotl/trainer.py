@@ -13,12 +13,11 @@ import inspect
 import logging
 from typing import Any
 
-from accelerate import PartialState
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
-from ..hf_trainer import SFTKeyLossMixin
+from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..loss import IGNORE_INDEX
 from ..stats import KeyDataStats, check_key_share, key_status
 from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
@@ -142,12 +141,14 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         validate_sftkey_arguments(arguments)
         # The top-level module: PEFT calls the base model's ``forward`` directly, which skips its hooks
         self._sftkey_setup(arguments, self.model)
-        with PartialState().main_process_first():  # as Axolotl prepares data: the others then read the cached maps
-            self.sftkey_callback.data_stats = [
+        # as Axolotl prepares data: the main process first, the others then read the cached maps
+        self.sftkey_callback.data_stats = main_process_first(
+            lambda: [
                 self._sftkey_prepare_dataset(name, arguments)
                 for name in ("train_dataset", "eval_dataset")
                 if getattr(self, name, None) is not None
             ]
+        )
         self._sftkey_configured = True
 
     def train(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import random
 import sys
 import time
@@ -340,10 +341,20 @@ def _apply_quick(args: argparse.Namespace) -> None:
         args.test_size = min(args.test_size, 16)
 
 
+def name_the_cpu_accelerator(device: str) -> None:
+    """Training on the CPU, tell deepspeed so (``DS_ACCELERATOR``, inherited by the arms' processes): where it is
+    installed (a test dependency), its accelerator detection would otherwise print a warning in every process."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; with ``--json`` stdout holds only the result and everything else printed meanwhile goes to
     stderr, libraries' own prints included (deepspeed's logger writes to stdout)."""
     result_stream = sys.stdout
+    name_the_cpu_accelerator(args.device)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         report = _demo(args)
     if args.json:

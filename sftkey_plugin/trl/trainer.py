@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 import trl
-from accelerate import PartialState
 from datasets import Dataset
 from packaging.version import Version
 from trl import SFTTrainer
@@ -16,7 +15,7 @@ from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml
 
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments, weighs_tokens
-from ..hf_trainer import SFTKeyLossMixin
+from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
 from ..stats import CUT, FOUND, KeyDataStats, check_key_share, key_status
@@ -146,10 +145,11 @@ class SFTKeyMixin(SFTKeyLossMixin):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         require_fast_tokenizer(tokenizer)
         # As TRL prepares data: the main process first, the others then find its cached results
-        with PartialState().main_process_first():
-            return self._sftkey_prepare(
+        return main_process_first(
+            lambda: self._sftkey_prepare(
                 dataset, processing_class, tokenizer, args, arguments, packing, formatting_func, dataset_name
             )
+        )
 
     def _sftkey_prepare(
         self,
