@@ -66,25 +66,28 @@ def _raw_dataset(dataset_config: Any, cfg: Any, sample: int):  # type: ignore[no
 
 
 def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> tuple[list[dict[str, Any]], int, int]:
-    """Tokenise up to ``sample`` rows of one dataset as the training run would: ``(rows, dropped by
-    sftkey_on_missing, dropped by sequence_len)``."""
-    from axolotl.prompt_strategies import load as load_strategy
+    """Tokenise up to ``sample`` rows of one dataset as the training run would (Axolotl's own dataset wrapper, so every
+    ``type`` it knows: chat_template, alpaca, completion, ...): ``(rows, dropped by sftkey_on_missing, dropped by
+    sequence_len)``."""
+    from axolotl.utils.data.sft import _parse_dataset_type
+    from axolotl.utils.data.wrappers import get_dataset_wrapper
 
     from ..collator import SFTKEY_MASK
     from ..config import sftkey_arguments_from, validate_sftkey_arguments
     from ..tokenize import MarkingOptions, mark_token_ids
 
     raw = _raw_dataset(dataset_config, cfg, sample)
-    if "input_ids" in raw.column_names:  # pre-tokenised: used as is
-        batch = raw[:]
-        dropped_missing = 0
-    else:
-        strategy = load_strategy(dataset_config.type, tokenizer, cfg, dataset_config)
-        if strategy is None:
-            raise click.ClickException(f"Cannot load the prompt strategy {dataset_config.type!r}.")
-        batch = strategy.tokenize_prompt(raw[:])  # slicing decodes Json features (messages of differing keys)
-        dropped_missing = len(raw) - len(batch["input_ids"])
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    base_type, prompt_style = _parse_dataset_type(dataset_config.type)
+    tokenised, _ = get_dataset_wrapper(
+        dataset_config=dataset_config,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        dataset_base_type=base_type,
+        dataset=raw,
+        dataset_prompt_style=prompt_style,
+    )  # pre-tokenised rows come back as they are
+    dropped_missing = len(raw) - len(tokenised)
+    rows = [dict(row) for row in tokenised]
     arguments = sftkey_arguments_from(cfg)
     validate_sftkey_arguments(arguments)
     marking = MarkingOptions.from_arguments(arguments)
@@ -106,7 +109,7 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
     from axolotl.utils.dict import DictDefault
 
     from ..collator import SFTKEY_MASK
-    from ..stats import FOUND, MISSING, KeyDataStats
+    from ..stats import marked_rows_stats
     from .strategy import SFTKEY_FINDER
 
     color = sys.stdout.isatty() if color is None else color
@@ -124,14 +127,7 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
     for index, dataset_config in enumerate(cfg.datasets or []):
         rows, dropped_missing, dropped_long = preview_rows(cfg, tokenizer, dataset_config, sample)
         name = f"datasets[{index}] {dataset_config.path}"
-        stats = KeyDataStats.from_columns(
-            name,
-            [FOUND if 1 in row[SFTKEY_MASK] else MISSING for row in rows],
-            [row.get(SFTKEY_FINDER, "pretokenized") if 1 in row[SFTKEY_MASK] else "" for row in rows],
-            [sum(row[SFTKEY_MASK]) for row in rows],
-            [sum(1 for label in row["labels"] if label != -100) for row in rows],
-            [(row.get("sftkey_turns", 1), row.get("sftkey_turns_found", int(1 in row[SFTKEY_MASK]))) for row in rows],
-        )
+        stats = marked_rows_stats(name, rows)
         stats.dropped = dropped_missing
         click.echo(stats.summary_line())
         click.echo(
@@ -145,7 +141,7 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
             finder = row.get(SFTKEY_FINDER) or "none"
             turns = (
                 f", key in {row['sftkey_turns_found']} of {row['sftkey_turns']} turns"
-                if row["sftkey_turns"] > 1
+                if row.get("sftkey_turns", 1) > 1
                 else ""
             )
             click.echo(f"--- example {number}: finder {finder}, {n_key} key of {n_trained} trained tokens{turns} ---")

@@ -18,10 +18,8 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin, main_process_first
-from ..loss import IGNORE_INDEX
-from ..stats import KeyDataStats, check_key_share, key_status
+from ..stats import KeyDataStats, check_key_share, marked_rows_stats
 from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
-from .strategy import SFTKEY_FINDER
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -29,24 +27,8 @@ logger = logging.getLogger("sftkey_plugin")
 def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
     """Counts of one prepared Axolotl dataset (rows with ``labels`` and ``sftkey_mask``)."""
     columns = ["labels", *(c for c in TURN_COLUMNS if c in dataset.column_names)]
-    statuses: list[str] = []
-    finders: list[str] = []
-    keys: list[int] = []
-    trained: list[int] = []
-    turns: list[tuple[int, int]] = []
-    for batch in dataset.select_columns(columns).iter(batch_size=1000):
-        names = batch.get(SFTKEY_FINDER) or ["pretokenized"] * len(batch["labels"])
-        for index, (labels, mask, finder) in enumerate(zip(batch["labels"], batch[SFTKEY_MASK], names)):
-            n_key = int(sum(mask))
-            statuses.append(key_status(finder, mask, slice(None)))
-            finders.append(finder)
-            keys.append(n_key)
-            trained.append(sum(1 for label in labels if label != IGNORE_INDEX))
-            if "sftkey_turns" in batch:
-                turns.append((batch["sftkey_turns"][index], batch["sftkey_turns_found"][index]))
-            else:  # a mask that came with the data: one turn
-                turns.append((1, int(n_key > 0)))
-    return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
+    batches = dataset.select_columns(columns).iter(batch_size=1000)
+    return marked_rows_stats(name, (dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())))
 
 
 def model_accepts_loss_kwargs(model: Any) -> bool:
