@@ -63,7 +63,7 @@ def test_no_answer_phrase_means_no_key() -> None:
 
 
 def test_another_language_through_regex_as_the_readme_says() -> None:
-    """The README's Japanese pattern (sftkey_finder: regex) finds the answer phrase."""
+    """The Japanese pattern of docs/data.md (sftkey_finder: regex) finds the answer phrase."""
     text = "まず 2+3 を計算します。答えは 5 です。"
     assert keys(text, "regex", pattern=r"(?P<key>答えは\s*[^。\n]+)") == ["答えは 5 です"]
 
