@@ -70,7 +70,7 @@ def per_token_values(
     no per-token values (a chunked or fused loss that returns only the total). From full logits the NLL is
     recomputed without a graph, and ``is_top1`` only for the trained key tokens: they only feed the metrics."""
     log_probs = getattr(outputs, "log_probs", None)
-    if log_probs is not None:  # TRL >= 1.10's fused LM head
+    if log_probs is not None:  # TRL >= 1.15's fused LM head
         return -log_probs.detach(), getattr(outputs, "is_top1", None)
     logits = getattr(outputs, "logits", None)
     if logits is None or logits.dim() != 3 or logits.size(1) != labels.size(1):
@@ -226,7 +226,7 @@ class SFTKeyLossMixin:
         excess = excess_weights(shifted(key_mask), *point.weights)
         log_probs = getattr(outputs, "log_probs", None)
         logits = getattr(outputs, "logits", None)
-        if log_probs is not None:  # TRL >= 1.10's fused LM head: zero where the label is ignored
+        if log_probs is not None:  # TRL >= 1.15's fused LM head: zero where the label is ignored
             nll, excess = -log_probs, excess.to(log_probs.device)
         elif logits is not None and logits.dim() == 3 and logits.size(1) == labels.size(1):
             selected = (excess.to(labels.device) != 0) & (labels[..., 1:] != IGNORE_INDEX)
@@ -235,7 +235,7 @@ class SFTKeyLossMixin:
         else:
             raise RuntimeError(
                 "Token weights other than 0 and 1 need per-token losses, but this loss path returns only a total. With "
-                "trl < 1.10 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
+                "trl < 1.15 set loss_type='nll'; with Axolotl turn off cut_cross_entropy / Liger fused CE."
             )
         if self._sftkey_loss_is_dft():
             nll = nll * torch.exp(-nll).detach()

@@ -82,6 +82,13 @@ class KeyDataStats:
         """The share of examples that keep a complete key span."""
         return self.complete / self.examples if self.examples else 0.0
 
+    def count_policy(self, on_missing: str) -> None:
+        """Record what ``sftkey_on_missing`` does with the examples without a key span: dropped or kept."""
+        if on_missing == "drop":
+            self.dropped = self.missing
+        else:
+            self.kept_without_key = self.missing
+
     def summary_line(self) -> str:
         """One line for the training log."""
         share = 100.0 * self.found / self.examples if self.examples else 0.0

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from sftkey_plugin.examples import arithmetic_records
+
 pytest.importorskip("axolotl")
 
 from test_axolotl import SFTKEY_ON, _base_config, _env, _strategy, _tokenize, _write, axolotl_env
@@ -76,6 +78,37 @@ def test_axolotl_train_refuses_keyless_data_before_the_first_step(tiny_dir, tmp_
     assert f"Data form: Axolotl datasets {data} (type sftkey_plugin.axolotl.strategy)" in output
     assert f"axolotl sftkey-preview {path}" in output
     assert not (tmp_path / "out" / "checkpoint-2").exists() and "'loss':" not in output
+
+
+def test_on_missing_drop_counts_before_it_drops(tiny_dir, tmp_path) -> None:
+    """sftkey_on_missing: drop with half the rows keyless: sftkey_min_found counts them before they are dropped, as
+    TRL does (the rows used to be dropped while tokenising, so the share was always 100% and the refusal never
+    fired); below the threshold the run trains on the rest, with the drop counted in the log, for a chat dataset and
+    for a non-chat type (alpaca, which drop used to refuse)."""
+    records = arithmetic_records(8, seed=3, form="prompt_completion_text")
+    chats, alpaca = tmp_path / "half.jsonl", tmp_path / "half_alpaca.jsonl"
+    chat_rows = [{"messages": [_user(r["prompt"]), _assistant(r["completion"])]} for r in records]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in keyless_records(8) + chat_rows), encoding="utf-8")
+    keyless = [{"instruction": "Say hi.", "input": "", "output": "Hello" + " there" * i + "."} for i in range(8)]
+    keyed = [{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in records]
+    alpaca.write_text("".join(json.dumps(r) + "\n" for r in keyless + keyed), encoding="utf-8")
+
+    def train(name: str, dataset: dict[str, Any], min_found: float) -> str:
+        config = _config(tmp_path / name, tiny_dir, dataset, chat_template="chatml", max_steps=2,
+                         sftkey_on_missing="drop", sftkey_min_found=min_found)  # fmt: skip
+        command = [sys.executable, "-m", "axolotl.cli.train", str(_write(tmp_path / f"{name}.yml", config))]
+        done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+        assert (done.returncode == 0) == (min_found < 0.5), done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    refused = train("strict", {"path": str(chats)}, 0.6)
+    assert (
+        "SFTKey will not train: 8 of 16 train examples (50.0%) keep a key span, below sftkey_min_found=0.6" in refused
+    )
+    assert "'loss':" not in refused
+    trained = train("lenient", {"path": str(alpaca), "type": "alpaca"}, 0.4)
+    assert "SFTKey: dropped 8 of 16 train examples without a key span (sftkey_on_missing: drop)." in trained
+    assert "SFTKey train data: 16 examples, key span found in 8 (50.0%)" in trained and "8 dropped" in trained
 
 
 def test_preview_shows_turns_and_marks_pretokenised_rows(tiny_dir, tmp_path) -> None:

@@ -13,9 +13,10 @@ from packaging.version import Version
 from sftkey_plugin import SFTKeyArguments, SFTKeyCallback, SFTKeyConfig, SFTKeyTrainer
 from sftkey_plugin.examples import arithmetic_records
 
-# trl < 1.10 has no per-token fused head: its default chunked NLL gives totals only, so weighted mode (and the
+# trl < 1.15 has no per-token fused head: its default chunked NLL gives totals only, so weighted mode (and the
 # key/reasoning split in stage 1) needs loss_type="nll" there
-FUSED_HEAD = Version(trl.__version__) >= Version("1.10")
+from sftkey_plugin.trl.trainer import FUSED_HEAD
+
 PER_TOKEN = {} if FUSED_HEAD else {"loss_type": "nll"}
 
 # float32 carries 24 bits: one rounding is 2**-24 relative, and summing a gradient in another order (2 processes,
@@ -217,7 +218,7 @@ def dataset_rows(trainer, n: int) -> list[dict]:
     return [trainer.train_dataset[i] for i in range(n)]
 
 
-@pytest.mark.skipif(not FUSED_HEAD, reason="trl < 1.10 runs DFT through compute_loss_func; refused there (below)")
+@pytest.mark.skipif(not FUSED_HEAD, reason="trl < 1.15 runs DFT through compute_loss_func; refused there (below)")
 def test_weighted_dft_weighs_the_dft_loss(tiny_dir, tmp_path):
     """``loss_type="dft"`` + weighted 3.0/0.5: the loss is ``sum(w * p * NLL) / n`` (DFT's per-token loss weighted),
     not DFT plus a plain-NLL correction."""
@@ -234,7 +235,7 @@ def test_weighted_dft_weighs_the_dft_loss(tiny_dir, tmp_path):
     assert expected != pytest.approx(plain, rel=1e-3)  # the weights matter
 
 
-@pytest.mark.skipif(FUSED_HEAD, reason="trl >= 1.10 weighs DFT's per-token loss (test above)")
+@pytest.mark.skipif(FUSED_HEAD, reason="trl >= 1.15 weighs DFT's per-token loss (test above)")
 def test_dft_is_refused_where_it_has_no_per_token_loss(tiny_dir, tmp_path):
     records = arithmetic_records(4, seed=3, form="prompt_completion")
     with pytest.raises(ValueError, match="loss_type='dft' on trl"):

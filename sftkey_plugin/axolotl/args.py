@@ -17,10 +17,6 @@ from ..config import SFTKEY_FIELDS, SFTKeyArguments, sftkey_arguments_from, vali
 
 PLUGIN_NAME = "sftkey_plugin.axolotl.SFTKeyPlugin"
 STRATEGY_TYPE = "sftkey_plugin.axolotl.strategy"
-# Dataset ``type`` values that the plugin tokenises itself; ``chat_template`` is rewritten to the strategy by
-# ``SFTKeyPlugin.register``. Rows of any other type (alpaca, completion, input_output, pre-tokenised) are marked
-# by the trainer from their own tokens (``sftkey_plugin.tokenize.key_mask_from_token_ids``).
-SFTKEY_DATASET_TYPES = (STRATEGY_TYPE, f"{STRATEGY_TYPE}.load")
 
 
 def _field_definitions() -> dict[str, Any]:
@@ -136,17 +132,6 @@ class _SFTKeyValidators(BaseModel):
                 "the SFTKey plugin supplies the trainer",
                 "Remove trainer_cls (or subclass sftkey_plugin.axolotl.SFTKeyAxolotlTrainer in your own plugin).",
             )
-        if get("sftkey_on_missing") == "drop":
-            for key in ("datasets", "test_datasets"):
-                for index, dataset in enumerate(get(key) or []):
-                    dataset_type = dataset.get("type") if isinstance(dataset, dict) else getattr(dataset, "type", None)
-                    if dataset_type is not None and dataset_type not in (*SFTKEY_DATASET_TYPES, "chat_template"):
-                        _refuse(
-                            f"sftkey_on_missing: drop and {key}[{index}].type: {dataset_type}",
-                            "rows of other types are marked after Axolotl has counted the training steps, too late "
-                            "to drop them",
-                            "Use sftkey_on_missing: keep or error, or a chat_template dataset.",
-                        )
         return data
 
     @model_validator(mode="after")
@@ -186,4 +171,4 @@ SFTKeyInputArgs = create_model(  # type: ignore[call-overload]
     **_field_definitions(),
 )
 
-__all__ = ["PLUGIN_NAME", "SFTKEY_DATASET_TYPES", "STRATEGY_TYPE", "SFTKeyInputArgs"]
+__all__ = ["PLUGIN_NAME", "STRATEGY_TYPE", "SFTKeyInputArgs"]

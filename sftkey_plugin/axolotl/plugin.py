@@ -95,6 +95,30 @@ class SFTKeyPlugin(BasePlugin):
         if not base.endswith(suffix):
             cfg["dataset_prepared_path"] = f"{base}/{suffix}"
 
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
+        """With ``sftkey_on_missing: drop``: Axolotl's own loading, then the rows without a key span dropped after
+        they are counted (``sftkey_min_found`` counts them, as on the TRL side) and the training steps counted again
+        by Axolotl's rule; otherwise None (Axolotl loads the data itself)."""
+        if not cfg.get("sftkey") or cfg.get("sftkey_on_missing") != "drop" or preprocess or cfg.get("rl"):
+            return None
+        from axolotl.common.datasets import TrainDatasetMeta
+        from axolotl.common.datasets import load_datasets as axolotl_load_datasets
+        from axolotl.loaders import load_tokenizer
+        from axolotl.utils.trainer import calculate_total_num_steps
+
+        from .trainer import PRE_DROP_STATS, mark_count_and_apply_policy
+
+        meta = axolotl_load_datasets(cfg=cfg)
+        tokenizer, arguments = load_tokenizer(cfg), sftkey_arguments_from(cfg)
+        train, stats = mark_count_and_apply_policy(meta.train_dataset, "train", tokenizer, arguments, cfg)
+        counts = {"train": stats}
+        evaluation = meta.eval_dataset
+        if evaluation is not None:
+            evaluation, counts["eval"] = mark_count_and_apply_policy(evaluation, "eval", tokenizer, arguments, cfg)
+        cfg[PRE_DROP_STATS] = counts
+        steps = calculate_total_num_steps(cfg, train)
+        return TrainDatasetMeta(train, evaluation, min(steps, cfg.max_steps) if cfg.get("max_steps") else steps)
+
     def get_input_args(self) -> str:
         return "sftkey_plugin.axolotl.args.SFTKeyInputArgs"
 

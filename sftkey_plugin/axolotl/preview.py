@@ -65,10 +65,9 @@ def _raw_dataset(dataset_config: Any, cfg: Any, sample: int):  # type: ignore[no
     return dataset.select(range(min(sample, len(dataset))))
 
 
-def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> tuple[list[dict[str, Any]], int, int]:
+def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> tuple[list[dict[str, Any]], int]:
     """Tokenise up to ``sample`` rows of one dataset as the training run would (Axolotl's own dataset wrapper, so every
-    ``type`` it knows: chat_template, alpaca, completion, ...): ``(rows, dropped by sftkey_on_missing, dropped by
-    sequence_len)``."""
+    ``type`` it knows: chat_template, alpaca, completion, ...): ``(rows, dropped by sequence_len)``."""
     from axolotl.utils.data.sft import _parse_dataset_type
     from axolotl.utils.data.wrappers import get_dataset_wrapper
 
@@ -86,7 +85,6 @@ def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> 
         dataset=raw,
         dataset_prompt_style=prompt_style,
     )  # pre-tokenised rows come back as they are
-    dropped_missing = len(raw) - len(tokenised)
     rows = [dict(row) for row in tokenised]
     arguments = sftkey_arguments_from(cfg)
     validate_sftkey_arguments(arguments)
@@ -94,7 +92,7 @@ def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> 
     # rows of non-chat types get their mask from their own tokens, as the trainer marks them
     rows = [row if SFTKEY_MASK in row else {**row, **mark_token_ids(row, tokenizer, marking)} for row in rows]
     kept = [row for row in rows if len(row["input_ids"]) <= cfg.sequence_len]
-    return kept, dropped_missing, len(rows) - len(kept)
+    return kept, len(rows) - len(kept)
 
 
 @click.command("sftkey-preview")
@@ -125,13 +123,13 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
     cfg = load_cfg(DictDefault(raw))
     tokenizer = load_tokenizer(cfg)
     for index, dataset_config in enumerate(cfg.datasets or []):
-        rows, dropped_missing, dropped_long = preview_rows(cfg, tokenizer, dataset_config, sample)
+        rows, dropped_long = preview_rows(cfg, tokenizer, dataset_config, sample)
         name = f"datasets[{index}] {dataset_config.path}"
         stats = marked_rows_stats(name, rows)
-        stats.dropped = dropped_missing
+        stats.count_policy(cfg.sftkey_on_missing or "keep")
         click.echo(stats.summary_line())
         click.echo(
-            f"  first {min(sample, len(rows) + dropped_missing + dropped_long)} rows tokenised; {dropped_long} longer "
+            f"  first {min(sample, len(rows) + dropped_long)} rows tokenised; {dropped_long} longer "
             f"than sequence_len {cfg.sequence_len} (dropped by Axolotl, so no answer is cut); "
             f"sftkey_mode {cfg.sftkey_mode or 'two_stage'}; prepared data in {cfg.dataset_prepared_path}"
         )

@@ -14,7 +14,8 @@ Extra columns: ``sftkey_mask`` (int 0/1, as long as ``input_ids``), ``sftkey_fin
 ``sftkey_turns_found``; the trainer counts and removes all but the mask. When Axolotl's tokens differ from
 ``apply_chat_template``'s, the mask is made from Axolotl's tokens (``key_mask_from_token_ids``: each trained turn
 decoded and re-tokenised with offsets).
-``sftkey_on_missing: drop`` drops rows without key tokens here, before Axolotl counts the training steps.
+Rows without key tokens are kept here, so that ``sftkey_min_found`` counts them; ``sftkey_on_missing: drop`` drops them
+after counting (``SFTKeyPlugin.load_datasets``), before Axolotl counts the training steps.
 """
 
 from __future__ import annotations
@@ -56,21 +57,6 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         self._reasoning_checked = False
         if marking is not None:
             require_fast_tokenizer(self.tokenizer)
-
-    def tokenize_prompt(self, prompt: dict[str, Any]):  # type: ignore[no-untyped-def]
-        result = super().tokenize_prompt(prompt)
-        if self.marking is None or self.on_missing != "drop" or not result:
-            return result
-        if not isinstance(result.get(SFTKEY_MASK, [None])[0], list):  # a single row: nothing to drop here
-            return result
-        keep = [i for i, mask in enumerate(result[SFTKEY_MASK]) if 1 in mask]
-        if len(keep) < len(result[SFTKEY_MASK]):
-            logger.warning(
-                "SFTKey: dropped %d of %d examples with no key answer tokens (sftkey_on_missing=drop).",
-                len(result[SFTKEY_MASK]) - len(keep),
-                len(result[SFTKEY_MASK]),
-            )
-        return {key: [values[i] for i in keep] for key, values in result.items()}
 
     def _tokenize_single_prompt(self, prompt: dict) -> dict[str, list[int]]:  # type: ignore[override]
         result = super()._tokenize_single_prompt(prompt)

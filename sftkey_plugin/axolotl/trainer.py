@@ -31,6 +31,53 @@ def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
     return marked_rows_stats(name, (dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())))
 
 
+PRE_DROP_STATS = "_sftkey_pre_drop_stats"  # a cfg entry: the counts of each dataset before its rows were dropped
+
+
+def data_form(cfg: Any) -> str:
+    """The configured datasets in words (path and type), for the refusal message."""
+    datasets = cfg.get("datasets") or []
+    described = [f"{d.get('path')} (type {d.get('type')})" for d in datasets if hasattr(d, "get")]
+    return "Axolotl datasets " + ", ".join(described) if described else "the Axolotl training dataset"
+
+
+def preview_command(cfg: Any) -> str:
+    return f"axolotl sftkey-preview {cfg.get('axolotl_config_path') or 'YOUR_CONFIG.yml'}"
+
+
+def mark_count_and_apply_policy(
+    dataset: Any, name: str, tokenizer: Any, arguments: SFTKeyArguments, cfg: Any
+) -> tuple[Any, KeyDataStats]:
+    """Mark the rows that came without a mask (types other than chat_template: from their own tokens, since only
+    Axolotl's prompt strategy knew the text), count them, refuse what ``sftkey_on_missing: error`` and (for the
+    training data) ``sftkey_min_found`` refuse, then drop the rows without a key under ``sftkey_on_missing: drop``:
+    counted before anything is dropped, as on the TRL side."""
+    if SFTKEY_MASK not in dataset.column_names:
+        dataset = dataset.map(
+            mark_token_ids,
+            fn_kwargs={"tokenizer": tokenizer, "marking": MarkingOptions.from_arguments(arguments)},
+            desc=f"SFTKey marking {name} rows",
+        )
+    stats = dataset_stats(dataset, name)
+    if stats.missing and arguments.sftkey_on_missing == "error":
+        raise ValueError(
+            f"SFTKey: {stats.missing} of {stats.examples} {name} examples have no key span. Fix the data, choose "
+            "another sftkey_finder, or set sftkey_on_missing: keep."
+        )
+    if name == "train":  # before the first step
+        check_key_share(stats, arguments, data_form(cfg), preview_command(cfg))
+    stats.count_policy(arguments.sftkey_on_missing)
+    if stats.dropped:
+        dataset = dataset.filter(lambda mask: 1 in mask, input_columns=SFTKEY_MASK, desc=f"SFTKey dropping {name} rows")
+        logger.warning(
+            "SFTKey: dropped %d of %d %s examples without a key span (sftkey_on_missing: drop).",
+            stats.dropped,
+            stats.examples,
+            name,
+        )
+    return dataset, stats
+
+
 def model_accepts_loss_kwargs(model: Any) -> bool:
     """Whether the trainer may hand ``num_items_in_batch`` to the model: transformers' rule (``Trainer.__init__``:
     ``accepts_loss_kwargs``, else a ``forward`` that takes it or ``**kwargs``) and Axolotl 0.21's
@@ -70,36 +117,14 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
             self.sftkey_configure(sftkey_arguments)
 
     def _sftkey_prepare_dataset(self, attribute: str, arguments: SFTKeyArguments) -> KeyDataStats:
-        dataset = getattr(self, attribute)
         name = "train" if attribute == "train_dataset" else "eval"
-        if SFTKEY_MASK not in dataset.column_names:
-            # Rows of a type other than chat_template (alpaca, completion, input_output, pre-tokenised): marked from
-            # their own tokens, since only Axolotl's prompt strategy knew the text
-            dataset = dataset.map(
-                mark_token_ids,
-                fn_kwargs={"tokenizer": self.processing_class, "marking": MarkingOptions.from_arguments(arguments)},
-                desc=f"SFTKey marking {name} rows",
-            )
-        stats = dataset_stats(dataset, name)
-        if stats.missing and arguments.sftkey_on_missing == "error":
-            raise ValueError(
-                f"SFTKey: {stats.missing} of {stats.examples} {name} examples have no key span. Fix the data, choose "
-                "another sftkey_finder, or set sftkey_on_missing: keep."
-            )
-        if name == "train":  # before the first step
-            check_key_share(stats, arguments, self._sftkey_data_form(), self._sftkey_preview_command())
-        dataset = dataset.remove_columns([c for c in TURN_COLUMNS[1:] if c in dataset.column_names])
-        setattr(self, attribute, dataset)
+        dataset, stats = mark_count_and_apply_policy(
+            getattr(self, attribute), name, self.processing_class, arguments, self._sftkey_cfg
+        )
+        # the counts from before the rows without a key were dropped, where SFTKeyPlugin.load_datasets dropped them
+        stats = (self._sftkey_cfg.get(PRE_DROP_STATS) or {}).get(name, stats)
+        setattr(self, attribute, dataset.remove_columns([c for c in TURN_COLUMNS[1:] if c in dataset.column_names]))
         return stats
-
-    def _sftkey_data_form(self) -> str:
-        """The configured datasets in words (path and type), for the refusal message."""
-        datasets = self._sftkey_cfg.get("datasets") or []
-        described = [f"{d.get('path')} (type {d.get('type')})" for d in datasets if hasattr(d, "get")]
-        return "Axolotl datasets " + ", ".join(described) if described else "the Axolotl training dataset"
-
-    def _sftkey_preview_command(self) -> str:
-        return f"axolotl sftkey-preview {self._sftkey_cfg.get('axolotl_config_path') or 'YOUR_CONFIG.yml'}"
 
     def _sftkey_wrap_collators(self) -> None:
         from transformers import DataCollatorWithFlattening

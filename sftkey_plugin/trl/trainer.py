@@ -9,7 +9,6 @@ from typing import Any
 
 import trl
 from datasets import Dataset
-from packaging.version import Version
 from trl import SFTTrainer
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
 
@@ -30,8 +29,9 @@ from ..tokenize import (
 
 logger = logging.getLogger("sftkey_plugin")
 
-# trl 1.10 added the fused LM head that returns per-token log-probs (and computes DFT from them)
-FUSED_HEAD = Version(trl.__version__) >= Version("1.10")
+# trl 1.15 added the fused LM head that returns per-token log-probs (and computes DFT from them); 1.9-1.14 default to
+# chunked_nll and run DFT through compute_loss_func. Told by the feature, not a version number.
+FUSED_HEAD = hasattr(trl.trainer.sft_trainer, "add_fused_lm_head")
 
 _STAT_COLUMNS = (
     "sftkey_finder",
@@ -73,7 +73,7 @@ def _reject_unsupported_arguments(args: Any, arguments: SFTKeyArguments) -> None
     if args.loss_type == "dft" and not FUSED_HEAD:
         raise ValueError(
             f"loss_type='dft' on trl {trl.__version__} runs through compute_loss_func, which gives SFTKey no per-token "
-            "losses to weigh or mask: use loss_type='nll', or trl >= 1.10, where SFTKey weighs DFT's per-token loss."
+            "losses to weigh or mask: use loss_type='nll', or trl >= 1.15, where SFTKey weighs DFT's per-token loss."
         )
     if getattr(args, "label_smoothing_factor", 0.0):
         raise ValueError("SFTKey does not support label_smoothing_factor: set it to 0.")
