@@ -654,7 +654,8 @@ def test_every_key_token_truncated(tiny_dir: str, tmp_path: Path, mode: str) -> 
 
 
 def test_key_mask_only_on_padding(tiny_dir: str, tmp_path: Path) -> None:
-    """A batch whose only "key" positions are padding (and a step count of 0): finite zero loss, no key metrics."""
+    """A batch whose only "key" positions are padding: the step counts no key token, and its loss is a finite 0 (the
+    count is clamped to 1, not left at 0 for the loss to divide by, on every trl loss path), with no key metrics."""
     records = arithmetic_records(4, seed=39, form="prompt_completion", terms=2)
     records[0] = arithmetic_records(1, seed=40, form="prompt_completion", terms=9)[0]  # longer: the others get padding
     trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="key_only")
@@ -663,7 +664,11 @@ def test_key_mask_only_on_padding(tiny_dir: str, tmp_path: Path) -> None:
     assert padding.any()
     batch["sftkey_mask"] = padding.long()
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(0))
+    trainer._sftkey_counting_step = True  # as get_batch_samples counts an optimizer step's micro-batches
+    count = trainer._get_num_items_in_batch([batch], batch["input_ids"].device)
+    trainer._sftkey_counting_step = False
+    assert int(count) == 1
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count)
     assert loss.item() == 0.0
     trainer._sftkey_reduce("train", reduced=True)  # as a logging step does (one process: nothing to gather)
     metrics = trainer._sftkey_ready["train"]

@@ -501,7 +501,9 @@ def test_each_evaluation_reports_its_own_metrics_under_its_prefix(tiny_dir, tmp_
     def build(out, callbacks=None):
         return SFTKeyTrainer(
             model=AutoModelForCausalLM.from_pretrained(tiny_dir),
-            args=config(out, sftkey=True, sftkey_stage2_steps=1, max_steps=3, per_device_eval_batch_size=4),
+            args=config(
+                out, sftkey=True, sftkey_stage2_steps=1, max_steps=3, per_device_eval_batch_size=4, **PER_TOKEN
+            ),
             train_dataset=Dataset.from_list(records),
             eval_dataset=Dataset.from_list(records),
             processing_class=AutoTokenizer.from_pretrained(tiny_dir),
@@ -575,7 +577,7 @@ def test_callback_on_a_stock_sfttrainer_trains_as_sftkey_trainer(tiny_dir, tmp_p
     """``trl.SFTTrainer(..., callbacks=[SFTKeyCallback(...)])`` with a plain ``SFTConfig``: the same losses, weights
     and ``sftkey/*`` metrics, bit for bit, as ``SFTKeyTrainer`` with those settings."""
     records = arithmetic_records(16, seed=6, form="prompt_completion")
-    per_token = PER_TOKEN if settings["sftkey_mode"] == "weighted" else {}
+    per_token = PER_TOKEN  # the metrics compared need per-token losses (and weighted mode needs them to train)
     reference = trainer_for(tiny_dir, records, tmp_path / "ref", sftkey=True, max_steps=4, **settings, **per_token)
     reference.train()
     callback = SFTKeyCallback(SFTKeyArguments(sftkey=True, **settings))
