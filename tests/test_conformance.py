@@ -31,6 +31,9 @@ from conformance_reference import (
 )
 from real_tokenizers import FAMILIES, TOKENIZERS, Family, missing_reason, read_template, template_tokenizer
 
+# the whole matrix runs on the newest and the oldest trl (scripts/test.sh); its Axolotl cells on both Axolotls
+pytestmark = pytest.mark.conformance
+
 pytest.importorskip("trl")
 
 CHAT_FORMS: dict[str, Callable[[Family], list[Case]]] = {

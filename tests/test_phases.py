@@ -25,6 +25,9 @@ from sftkey_plugin.config import SFTKeyArguments, validate_sftkey_arguments, wei
 from sftkey_plugin.examples import arithmetic_records
 from sftkey_plugin.schedule import Phase, PhaseSchedule
 
+# run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
+pytestmark = pytest.mark.stack
+
 
 def phases(*rows: tuple[float, float, float]) -> list[dict[str, float]]:
     return [{"start": start, "key_weight": key, "other_weight": other} for start, key, other in rows]

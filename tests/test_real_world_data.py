@@ -21,6 +21,9 @@ from sftkey_plugin.examples import arithmetic_records
 from sftkey_plugin.masking import IGNORE_INDEX
 from sftkey_plugin.tokenize import MarkingOptions, key_mask_from_token_ids, mark_token_ids, tokenize_with_key_mask
 
+# run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
+pytestmark = pytest.mark.stack
+
 
 def keys(text: str, finder: str = "auto", **options) -> list[str]:
     return [text[start:end] for start, end in find_key_spans(text, finder, **options)]

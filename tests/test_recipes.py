@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
+pytestmark = pytest.mark.stack
+
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("trl")
 

@@ -17,6 +17,9 @@ from sftkey_plugin.examples import arithmetic_records
 # key/reasoning split in stage 1) needs loss_type="nll" there
 from sftkey_plugin.trl.trainer import FUSED_HEAD
 
+# run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
+pytestmark = pytest.mark.stack
+
 PER_TOKEN = {} if FUSED_HEAD else {"loss_type": "nll"}
 
 # float32 carries 24 bits: one rounding is 2**-24 relative, and summing a gradient in another order (2 processes,
