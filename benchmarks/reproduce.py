@@ -191,14 +191,14 @@ def summarise(units: list[dict[str, Any]], baseline: str, thresholds: dict[str, 
 
 
 def print_summary(rows: list[dict[str, Any]], baseline: str) -> None:
-    print(f"\n{'task':<11}{'arm':<17}{'steps':>6}{'lr':>9}{'mean':>7}  learnt  by seed")
+    print(f"\n{'task':<11}{'arm':<17}{'steps':>6}{'lr':>9}{'|grad|':>8}{'mean':>7}  learnt  by seed")
     for row in rows:
         seeds = " ".join(f"{a:.2f}" for a in row["accuracy_by_seed"])
         rate = f"{row['learning_rate']:.2g}" if row["learning_rate"] else "?"
+        grad = f"{row['grad_norm_mean']:.3f}" if row["grad_norm_mean"] is not None else "?"
         learnt = "" if row["learnt"] is None else f"{row['learnt']}/{len(row['seeds'])}"
-        print(
-            f"{row['task']:<11}{row['arm']:<17}{row['steps']:>6}{rate:>9}{row['accuracy']:>7.3f}  {learnt:<6}  {seeds}"
-        )
+        print(f"{row['task']:<11}{row['arm']:<17}{row['steps']:>6}{rate:>9}{grad:>8}{row['accuracy']:>7.3f}  "
+              f"{learnt:<6}  {seeds}")  # fmt: skip
     print(f"\nvs {baseline} on the seeds both have: mean difference [95% CI: seeds, then questions, resampled], "
           "the same pooled over questions only, Fisher's exact p on the seeds that learnt")  # fmt: skip
     for row in rows:
