@@ -333,8 +333,7 @@ class SFTKeyLossMixin:
         # prefix, nor to a later evaluation)
         if not self._sftkey_active:
             return super().evaluate(*args, **kwargs)  # type: ignore[misc]
-        prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
-        self._sftkey_eval_prefix = prefix
+        self._sftkey_eval_prefix = _metric_key_prefix(args, kwargs, "eval")
         try:
             return super().evaluate(*args, **kwargs)  # type: ignore[misc]
         finally:
@@ -345,7 +344,7 @@ class SFTKeyLossMixin:
         output = super().predict(*args, **kwargs)  # type: ignore[misc]
         metrics = self._sftkey_ready.pop("eval", None) if self._sftkey_active else None
         if metrics is not None:  # predict() logs nothing: its metrics come back with its output, under its prefix
-            prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "test")
+            prefix = _metric_key_prefix(args, kwargs, "test")
             output.metrics.update({f"{prefix}_{k}": v for k, v in metrics.items()})
         return output
 
@@ -361,3 +360,8 @@ class SFTKeyLossMixin:
             # in place, as Trainer.evaluate returns the dict it logged
             logs.update({(f"{prefix}_" if prefix else "") + k: v for k, v in metrics.items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _metric_key_prefix(args: tuple[Any, ...], kwargs: dict[str, Any], default: str) -> str:
+    """The ``metric_key_prefix`` of an ``evaluate(dataset, ignore_keys, metric_key_prefix)`` or ``predict`` call."""
+    return str(kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else default))
