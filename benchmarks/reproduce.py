@@ -9,14 +9,19 @@ Arms (each trained from the same initial weights, on the same data and batches, 
     weighted_x3  one stage, key tokens x3
     ramp         the key weight rising linearly from 1 to 3 until --stage2-ratio, then held (sftkey_phases)
     key_only     loss on the key tokens only from the start (the paper's Key-Tag ablation; not in the defaults)
+Controls for the seed-level study (not in the defaults): ``weighted_x3_mean`` (x3 with ``sftkey_normalize:
+weights``, plain SFT's loss scale), ``sft_lr_low``/``sft_lr_matched``/``sft_lr_high`` (plain SFT with the learning
+rate times x3's loss scale, /2, x1, x2) and ``sft_steps_1.5x``/``sft_steps_2x`` (plain SFT for more steps).
 Tasks: ``arithmetic`` (the demo's task; the answer repeats the last reasoning line), ``choice`` (the answer is
 the letter of the option equal to the computed value) and ``parity`` (whether the computed value is even or odd):
 in the last two the answer is not a copy. Every arm is scored on the same held-out
-questions; differences against ``sft_equal`` get a paired bootstrap CI, pooled over seeds.
+questions. Against ``--baseline`` (``sft_equal``) each arm gets, per task: the accuracy of every seed, the seeds
+that learnt the task (``--learnt``), Fisher's exact test on that share, and the mean difference with a hierarchical
+bootstrap interval (seeds resampled, then questions within them) beside the interval over pooled questions.
 
     python benchmarks/reproduce.py [--tasks arithmetic,parity] [--seeds 0,1,2] [--jobs 2] [--json out.json]
 
-``--jobs N`` trains N (task, seed) units in parallel processes, each with ``--threads`` threads; every unit starts
+``--jobs N`` trains N (task, seed, arm) units in parallel processes, each with ``--threads`` threads; every unit starts
 from its own seed, so the results do not depend on N.
 
 ``--model smollm2`` fine-tunes a real pretrained model with LoRA instead: SmolLM2-135M-Instruct, loaded offline
@@ -276,7 +281,10 @@ def main() -> None:
     rows = summarise(units, options.baseline, options.learnt)
     print_summary(rows, options.baseline)
     if options.json:
-        Path(options.json).write_text(json.dumps({"settings": vars(options), "summary": rows, "units": units},
+        # a summary's training settings are its units' own; the parser's defaults would only mislead
+        read = ("summarise", "baseline", "learnt")
+        settings = {k: getattr(options, k) for k in read} if options.summarise else vars(options)
+        Path(options.json).write_text(json.dumps({"settings": settings, "summary": rows, "units": units},
                                                  indent=1, default=str))  # fmt: skip
     sys.exit(0)
 

@@ -1,6 +1,10 @@
 """Seed-level statistics of the multi-seed study, on constructed cases whose answers are known by hand."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +71,40 @@ def test_seed_level_comparison_counts_seeds_that_learnt():
     assert seed_level_comparison(base, other)["fisher_p"] is None  # no threshold: no count of seeds
     with pytest.raises(ValueError, match="not the same evaluation set"):
         seed_level_comparison({0: [1, 0]}, {0: [1]})
+
+
+def _unit(seed: int, arm: str, correct: list[int], **extra: object) -> dict[str, object]:
+    """A result file as ``benchmarks/reproduce.py --out-dir`` writes one (settings shortened to what it compares)."""
+    settings = {"steps": 10, "hidden_size": 128}
+    return {"task": "parity", "seed": seed, "arm": arm, "settings": settings, "correct": correct, "steps": 10,
+            "learning_rate": 0.003, "grad_norm_mean": 0.5, **extra}  # fmt: skip
+
+
+def test_reproduce_summarises_unit_files_seed_by_seed(tmp_path):
+    """``reproduce.py --summarise`` on files whose answer is known: per-seed accuracy, seeds that learnt, Fisher's p
+    and the mean of the per-seed differences, against the baseline it is told."""
+    base = {0: [1] * 8 + [0] * 2, 1: [1] * 5 + [0] * 5, 2: [1] * 5 + [0] * 5}
+    other = {0: [1] * 8 + [0] * 2, 1: [1] * 7 + [0] * 3, 2: [1] * 9 + [0] * 1}
+    files = []
+    for arm, arm_correct in (("sft_equal", base), ("weighted_x3", other)):
+        for seed, correct in arm_correct.items():
+            files.append(tmp_path / f"parity-seed{seed}-{arm}.json")
+            files[-1].write_text(json.dumps(_unit(seed, arm, correct)))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+    out = tmp_path / "summary.json"
+    run = subprocess.run([sys.executable, str(script), "--summarise", *map(str, files), "--json", str(out),
+                          "--baseline", "sft_equal"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(out.read_text())
+    assert summary["settings"]["baseline"] == "sft_equal" and "hidden_size" not in summary["settings"]
+    rows = {row["arm"]: row for row in summary["summary"]}
+    assert rows["sft_equal"]["accuracy_by_seed"] == [0.8, 0.5, 0.5] and rows["sft_equal"]["learnt"] == 1
+    assert rows["weighted_x3"]["accuracy_by_seed"] == [0.8, 0.7, 0.9] and rows["weighted_x3"]["learnt"] == 3
+    versus = rows["weighted_x3"]["vs_baseline"]
+    assert versus["fisher_p"] == pytest.approx(0.4) and versus["difference"][0] == pytest.approx(0.2)
+    assert "learnt 3/3 vs 1/3 (>= 0.650), p = 0.400" in run.stdout
+
+    # units made with other settings are not comparable: refused, not pooled
+    files[0].write_text(json.dumps({**_unit(0, "sft_equal", base[0]), "settings": {"steps": 20, "hidden_size": 128}}))
+    run = subprocess.run([sys.executable, str(script), "--summarise", *map(str, files)], capture_output=True, text=True)
+    assert run.returncode != 0 and "different settings, not comparable" in run.stderr
