@@ -1,7 +1,8 @@
 """Exercise the installed sftkey-plugin wheel; run by scripts/check_wheel.sh with ``python -I`` from an empty folder.
 
 Fails (exit 1, via AssertionError) unless the package comes from the installed wheel, its version is the metadata's,
-every public name imports, every entry point resolves, and the ``sftkey`` command and its subcommands run.
+it carries the licence text its metadata declares, every public name imports, every entry point resolves, and the
+``sftkey`` command and its subcommands run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def check_installed_from_wheel(dist_dir: Path) -> metadata.Distribution:
     assert wheels == [f"sftkey_plugin-{dist.version}-py3-none-any.whl"], (wheels, dist.version)
     assert sftkey_plugin.__version__ == dist.version, (sftkey_plugin.__version__, dist.version)
     return dist
+
+
+def check_license(dist: metadata.Distribution) -> str:
+    """The metadata's SPDX licence, with its text installed beside the metadata (PEP 639 ``License-File``)."""
+    expression, files = dist.metadata["License-Expression"], dist.metadata.get_all("License-File") or []
+    assert expression == "Apache-2.0" and files == ["LICENSE"], (expression, files)
+    text = dist.read_text("licenses/LICENSE") or ""
+    assert "Apache License" in text and "Version 2.0, January 2004" in text, text[:200]
+    return f"{expression} ({files[0]})"
 
 
 def check_public_names() -> list[str]:
@@ -142,6 +152,7 @@ def main() -> None:
     dist_dir = parser.parse_args().dist
     dist = check_installed_from_wheel(dist_dir)
     print(f"installed from the wheel: {DIST} {dist.version}")
+    print(f"licence: {check_license(dist)}")
     print(f"public names import: {', '.join(check_public_names())}")
     for entry_point, how in check_entry_points(dist).items():
         print(f"entry point {entry_point}: {how}")
