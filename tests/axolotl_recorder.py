@@ -3,7 +3,8 @@
 ``TrainingRecorder`` records an Axolotl run the way ``multiprocess_worker.run_mode`` records a TRL run, so both go
 through the same comparison; each process saves ``<output_dir>/record-rank<RANK>.pt`` when training ends.
 ``StallAfterCheckpointPlugin`` makes a run hang after a checkpoint, to be killed. ``AllowFSDPOnCPU`` lets an
-``fsdp_config`` run really shard on CPU processes (``sharded_worker.allow_fsdp_on_cpu``).
+``fsdp_config`` run really shard on CPU processes (``sharded_worker.allow_fsdp_on_cpu``). Each of them gives its
+process the tests' clean exit (``process_exit``), which the tests check for every process of the run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import process_exit
 import torch
 from axolotl.integrations.base import BasePlugin
 from multiprocess_worker import GradientRecorder, StallAfterCheckpoint, record_micro_batches, training_record
@@ -28,14 +30,22 @@ class _SaveRecord(TrainerCallback):
         torch.save(training_record(self.trainer, self.gradients), Path(args.output_dir) / f"record-rank{rank}.pt")
 
 
-class TrainingRecorder(BasePlugin):
+class CleanExitPlugin(BasePlugin):
+    """Installs ``process_exit`` in every process of the run (Axolotl's own ``cleanup_distributed`` destroys the group,
+    which DeepSpeed's captured default argument keeps alive)."""
+
+    def register(self, cfg: Any) -> None:
+        process_exit.install()
+
+
+class TrainingRecorder(CleanExitPlugin):
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[TrainerCallback]:
         record_micro_batches(trainer)
         gradients = GradientRecorder()
         return [gradients, _SaveRecord(trainer, gradients)]
 
 
-class StallAfterCheckpointPlugin(BasePlugin):
+class StallAfterCheckpointPlugin(CleanExitPlugin):
     """With ``SFTKEY_STALL_AFTER_CHECKPOINT=STEP:READY_FILE`` set: once checkpoint-STEP is written, write READY_FILE
     and hang, so a test can kill the run with a real signal (``multiprocess_worker.StallAfterCheckpoint``). Without
     it, nothing: the killed run and its reruns share one config."""
@@ -47,8 +57,9 @@ class StallAfterCheckpointPlugin(BasePlugin):
         return [StallAfterCheckpoint(int(step), ready_file)]
 
 
-class AllowFSDPOnCPU(BasePlugin):
+class AllowFSDPOnCPU(CleanExitPlugin):
     """Applies the test-only accelerate patch in every process, before the trainer builds its ``Accelerator``."""
 
     def register(self, cfg: Any) -> None:
+        super().register(cfg)
         allow_fsdp_on_cpu()

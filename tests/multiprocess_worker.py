@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import process_exit
 import torch
 from test_trl import PER_TOKEN, trainer_for
 from torch.distributed.tensor import DTensor
@@ -229,6 +230,8 @@ def main_refuse(tiny_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    process_exit.install()
     command, *arguments = sys.argv[1:]
     commands = {"modes": main_modes, "interrupt": main_interrupt, "rank0_log": main_rank0_log, "refuse": main_refuse}
     commands[command](*arguments)
+    process_exit.end_process_group()

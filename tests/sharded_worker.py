@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import process_exit
 import torch
 import torch.distributed as dist
 from multiprocess_worker import (
@@ -236,5 +237,7 @@ def main_deepspeed(tiny_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    process_exit.install()
     command, *arguments = sys.argv[1:]
     {"modes": main_modes, "interrupt": main_interrupt, "deepspeed": main_deepspeed}[command](*arguments)
+    process_exit.end_process_group()

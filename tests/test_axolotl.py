@@ -364,12 +364,11 @@ def _subprocess_env(**extra: str) -> dict:
     return {**_env(), **subprocess_env(), "PATH": path, **extra}
 
 
-def _train(command: list[str], workdir) -> None:
-    """Run an Axolotl training command to completion (a hang fails after 300 s)."""
-    done = subprocess.run(
-        command, cwd=workdir["root"], env=_subprocess_env(), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+def _train(command: list[str], workdir, processes: int = 1) -> None:
+    """Run an Axolotl training command to completion, every process exiting cleanly (a hang fails after 300 s)."""
+    from process_exit import run_processes
+
+    run_processes(command, processes, cwd=workdir["root"], env=_subprocess_env(), timeout=300)
 
 
 def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
@@ -393,11 +392,12 @@ def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> di
     )
     command = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "torchrun", "--"]
     command += ["--standalone", "--nproc_per_node", str(processes)]
-    _train(command, workdir)
+    _train(command, workdir, processes)
     return {rank: torch.load(Path(config["output_dir"]) / f"record-rank{rank}.pt") for rank in range(processes)}
 
 
 @pytest.mark.parametrize("mode", ["two_stage", "key_only", "weighted"])
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process(workdir, mode):
     """As the TRL test in test_reliability.py: same logs, gradients and weights; a process without key tokens."""
     from multiprocess_worker import MODES
@@ -409,6 +409,7 @@ def test_two_processes_equal_one_process(workdir, mode):
     assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
 
 
+@pytest.mark.multiprocess
 def test_two_processes_with_packing(workdir):
     """Multipack bins on 2 processes (no 1-process twin: bins are dealt out differently): every step's loss is the
     mean NLL of the key tokens of both processes, as the gathered ``sftkey/key_loss`` metric measures it."""
@@ -473,6 +474,7 @@ def _recipe_fsdp_block() -> dict:
     return {"fsdp_version": recipe["fsdp_version"], "fsdp_config": fsdp_config}
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_two_processes_equal_one_process(workdir):
     """The recipe's FSDP2 block on 2 CPU processes (really sharded: every parameter a DTensor) against 1 process
     without FSDP: the same logs, gradients after reduction and final weights. Plain SGD (``sharded_worker.SGD``).

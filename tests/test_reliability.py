@@ -31,6 +31,7 @@ from multiprocess_worker import (
     interrupt_records,
     run_mode,
 )
+from process_exit import run_processes
 from test_trl import GRAD_RTOL, PER_TOKEN, assert_gradients_close, first_batch, hand_step, logged, losses, trainer_for
 
 from sftkey_plugin.examples import arithmetic_records
@@ -77,25 +78,23 @@ def two_process_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(WORKER), "modes", tiny_dir, str(out)]
     started = time.monotonic()
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_processes(command, 2, env=subprocess_env(), timeout=300)
     print(f"\n2-process launch (all modes): {time.monotonic() - started:.1f} s")
     return out
 
 
-def launch_two(command: str, tiny_dir: str, out: Path) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2`` of a worker command; a hang fails at the timeout."""
+def two_processes(command: str, tiny_dir: str, out: Path) -> list[str]:
+    """``torchrun --standalone --nproc_per_node 2`` of a worker command."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run([*launch, str(WORKER), command, tiny_dir, str(out)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    return [*launch, str(WORKER), command, tiny_dir, str(out)]
 
 
+@pytest.mark.multiprocess
 def test_a_log_on_one_process_only_neither_hangs_nor_takes_the_metrics(tiny_dir: str, tmp_path: Path) -> None:
     """The sftkey/* sums are reduced at the step end of a logging step, which every process reaches, not inside
     log(): a user's callback that logs on process 0 only does not wait for the other process (it used to hang), and
     its log entry carries none of the training metrics, which stay with the training log of each step."""
-    done = launch_two("rank0_log", tiny_dir, tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_processes(two_processes("rank0_log", tiny_dir, tmp_path), 2, env=subprocess_env(), timeout=240)
     history = torch.load(tmp_path / "log_history.pt")
     user = [h for h in history if "user/main_only" in h]
     training = [h for h in history if "loss" in h]
@@ -104,11 +103,13 @@ def test_a_log_on_one_process_only_neither_hangs_nor_takes_the_metrics(tiny_dir:
     assert [h["sftkey/stage"] for h in training] == [1, 1, 2, 2] and all("sftkey/key_fraction" in h for h in training)
 
 
+@pytest.mark.multiprocess
 def test_a_refusal_while_the_main_process_prepares_first_stops_every_process(tiny_dir: str, tmp_path: Path) -> None:
     """The refusal is raised on process 0 inside main_process_first; process 1 used to wait at the closing barrier
     until the launcher's timeout. Both now stop promptly, non-zero, with the message."""
     started = time.monotonic()
-    done = launch_two("refuse", tiny_dir, tmp_path)
+    done = subprocess.run(two_processes("refuse", tiny_dir, tmp_path), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert output.count("SFTKey: 8 of 8 train examples have no key span") >= 2, output[-5000:]  # on each process
@@ -165,6 +166,7 @@ def assert_same_training(mode: str, multi: dict[str, Any], single: dict[str, Any
         assert multi["logs"][-1]["loss"] == 0.0 and "sftkey/key_loss" not in multi["logs"][-1]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_processes_equal_one_process(tiny_dir: str, tmp_path: Path, two_process_runs: Path, mode: str) -> None:
     """Losses, metrics, every step's gradients and the final weights match; a process without key tokens is fine."""
@@ -174,6 +176,7 @@ def test_two_processes_equal_one_process(tiny_dir: str, tmp_path: Path, two_proc
     assert_same_training(mode, multi, single, ranks)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["weighted", "weighted_by_weights"])
 def test_weighted_loss_is_the_hand_computed_sum(
     tiny_dir: str, tmp_path: Path, two_process_runs: Path, mode: str

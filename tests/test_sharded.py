@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from multiprocess_worker import GLOBAL_BATCH, INTERRUPT_ARGS, INTERRUPT_AT, MODES, interrupt_records, run_mode
+from process_exit import run_processes
 from sharded_worker import SGD, lora_config
 from test_reliability import (
     assert_same_training,
@@ -33,6 +33,7 @@ from test_reliability import (
 from test_trl import logged, losses, trainer_for
 
 WORKER = Path(__file__).parent / "sharded_worker.py"
+pytestmark = pytest.mark.multiprocess
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
 
 
@@ -48,9 +49,7 @@ def fsdp_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for pid in ready.read_text().split():  # torchrun's workers run in their own sessions: kill them too
         os.kill(int(pid), signal.SIGKILL)
     assert code == -signal.SIGKILL
-    command = [*TORCHRUN, "modes", tiny_dir, str(out), str(killed)]
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_processes([*TORCHRUN, "modes", tiny_dir, str(out), str(killed)], 2, env=subprocess_env(), timeout=300)
     print(f"\nFSDP2 launches (killed run; all modes, LoRA, resume): {time.monotonic() - started:.1f} s")
     return out
 
@@ -64,9 +63,7 @@ def deepspeed_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) -> P
     env = {k: v for k, v in subprocess_env().items() if k != "ACCELERATE_USE_CPU"}
     env.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0")
     started = time.monotonic()
-    done = subprocess.run([*TORCHRUN, "deepspeed", tiny_dir, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_processes([*TORCHRUN, "deepspeed", tiny_dir, str(out)], 2, group_freed=False, env=env, timeout=300)
     print(f"\nDeepSpeed launch (ZeRO-2, ZeRO-3, all modes): {time.monotonic() - started:.1f} s")
     return out
 
