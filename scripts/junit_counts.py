@@ -1,8 +1,8 @@
 """Test counts from pytest's JUnit XML reports, for the summary of scripts/test.sh.
 
-    python3 scripts/junit_counts.py REPORT.xml            "639 passed, 0 failed, 0 errors, 75 skipped"
-    python3 scripts/junit_counts.py --total REPORT.xml... "total: 1263 passed, 0 failed, 75 skipped" (errors count as
-                                                          failed: the closing line CI reads)
+python3 scripts/junit_counts.py REPORT.xml            "N passed, N failed, N errors, N skipped"
+python3 scripts/junit_counts.py --total REPORT.xml... "total: N passed, N failed, N skipped" (errors count as failed:
+                                                      the closing line CI reads)
 """
 
 from __future__ import annotations
