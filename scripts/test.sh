@@ -81,7 +81,7 @@ done
 
 echo "== summary${suffix:+ (newest releases)}"
 printf '%s\n' "${summary[@]}"
-python3 scripts/junit_counts.py --total "$reports"/*.xml
+python3 scripts/junit_counts.py --total "$reports"/*.xml 2>/dev/null || echo "total: no test report"
 if [ $failures -gt 0 ]; then
   echo "$failures of the steps above failed"
   exit 1
