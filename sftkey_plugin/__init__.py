@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import SFTKeyArguments
 from .finders import find_key_spans, finder_names, match_key_spans
-from .hookspecs import hookimpl
+from .hookspecs import AmbiguousAnswer, hookimpl
 
 
 def _installed_version() -> str:
@@ -30,7 +30,15 @@ _LAZY = {
     "SFTKeyCallback": "sftkey_plugin.callback",
 }
 
-__all__ = ["SFTKeyArguments", "find_key_spans", "finder_names", "hookimpl", "match_key_spans", *_LAZY]
+__all__ = [
+    "AmbiguousAnswer",
+    "SFTKeyArguments",
+    "find_key_spans",
+    "finder_names",
+    "hookimpl",
+    "match_key_spans",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,10 @@ function under the entry-point group ``sftkey_plugin.finders``::
     my_finders = "my_package.finders"
 
 The built-in finders are registered through the same group (see this project's ``pyproject.toml``).
+
+A finder that sees answer statements it cannot tell apart (two different answers, or an answer and a remark about
+it) raises ``AmbiguousAnswer`` rather than guess: the example gets no key span, is counted as ambiguous (a kind of
+missing, handled by ``sftkey_on_missing``), and ``auto`` tries no later finder.
 """
 
 from __future__ import annotations
@@ -26,8 +30,14 @@ ENTRY_POINT_GROUP = "sftkey_plugin.finders"
 Span = tuple[int, int]
 Finder = Callable[..., list[Span]]
 
+AMBIGUOUS = "ambiguous"  # the finder value recorded for an example whose finder raised AmbiguousAnswer
+
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class AmbiguousAnswer(ValueError):
+    """Raised by a finder whose text states answers it cannot tell apart: no key, counted as ambiguous."""
 
 
 class FinderSpec:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .finders import match_key_spans
-from .hookspecs import Span
+from .hookspecs import AMBIGUOUS, Span
 
 IGNORE_INDEX = -100  # the label of a token without loss
 
@@ -70,11 +70,16 @@ class KeyMask:
     """A key mask for one tokenised example and how it was found."""
 
     mask: list[int]
-    finder: str | None  # the finder that found the key (None: no key span)
+    finder: str | None  # the finder that found the key (None: no key span; AMBIGUOUS: answers that disagree)
 
     @property
     def found(self) -> bool:
-        return self.finder is not None
+        return self.finder not in (None, AMBIGUOUS)
+
+    @property
+    def ambiguous(self) -> bool:
+        """The finder saw answer statements it cannot tell apart, so there is no key."""
+        return self.finder == AMBIGUOUS
 
 
 def key_mask_for_completion(

@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import SFTKeyArguments, mode_weights, needs_key_tokens
 from .finders import finder_chain
+from .hookspecs import AMBIGUOUS as AMBIGUOUS  # the finder value when answer statements disagree (re-exported)
 from .masking import IGNORE_INDEX
 
 # Per-example status values written by the transform
@@ -19,9 +20,10 @@ NOT_LOCATED = "not_located"  # the finder value when the chat template altered t
 
 
 def key_status(finder: str, key_mask: list[int], keep: slice) -> str:
-    """``MISSING`` (no finder matched, the template altered the answer, or no trained key token), ``CUT`` (truncation
-    to ``keep`` removes some key tokens) or ``FOUND``; ``key_mask`` holds trained key tokens only."""
-    if not finder or finder == NOT_LOCATED or 1 not in key_mask:
+    """``MISSING`` (no finder matched, the template altered the answer, the answer is ambiguous, or no trained key
+    token), ``CUT`` (truncation to ``keep`` removes some key tokens) or ``FOUND``; ``key_mask`` holds trained key
+    tokens only."""
+    if not finder or finder in (NOT_LOCATED, AMBIGUOUS) or 1 not in key_mask:
         return MISSING
     return CUT if sum(key_mask[keep]) < sum(key_mask) else FOUND
 
@@ -39,6 +41,7 @@ class KeyDataStats:
     emptied: int = 0  # dropped because truncation left no trained token (TRL's own rule, counted here too)
     kept_without_key: int = 0  # sftkey_on_missing=keep: trained in stage 1 only
     not_located: int = 0  # missing because the chat template altered the answer text
+    ambiguous: int = 0  # missing because the finder saw answer statements it cannot tell apart
     key_tokens: int = 0
     completion_tokens: int = 0
     turns: int = 0  # assistant turns searched for a key (1 per example outside multi-turn conversations)
@@ -70,6 +73,7 @@ class KeyDataStats:
             if finder and status != MISSING:
                 stats.by_finder[finder] += 1
             stats.not_located += finder == NOT_LOCATED
+            stats.ambiguous += finder == AMBIGUOUS
         return stats
 
     @property
@@ -103,8 +107,7 @@ class KeyDataStats:
                 if self.turns > self.examples
                 else []
             ),
-            f"{self.missing} without a key span"
-            + (f" ({self.not_located} altered by the chat template)" if self.not_located else ""),
+            f"{self.missing} without a key span" + self.missing_reasons(),
             f"{self.cut} answers cut by truncation",
             f"{self.dropped} dropped",
             f"{self.kept_without_key} kept without key tokens",
@@ -113,6 +116,14 @@ class KeyDataStats:
             f"example ({key_share:.1f}%)",
         ]
         return "; ".join(parts)
+
+    def missing_reasons(self) -> str:
+        """`` (M ambiguous: answer statements disagree; N altered by the chat template)``, or "" when none apply."""
+        reasons = [
+            *([f"{self.ambiguous} ambiguous: answer statements disagree"] if self.ambiguous else []),
+            *([f"{self.not_located} altered by the chat template"] if self.not_located else []),
+        ]
+        return f" ({'; '.join(reasons)})" if reasons else ""
 
     def as_dict(self) -> Mapping[str, object]:
         return {**self.__dict__, "by_finder": dict(self.by_finder)}
@@ -177,7 +188,7 @@ def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: 
         f"sftkey_mode={arguments.sftkey_mode} needs key tokens ({_without_keys(arguments)}).",
         f"Data form: {data_form}. Finders tried: {', '.join(tried)}.",
         f"{stats.missing} examples have no key span"
-        + (f" ({stats.not_located} whose answer the chat template altered)" if stats.not_located else "")
+        + stats.missing_reasons()
         + f", {stats.cut} had their key cut by truncation"
         + (" (every key span found was cut: raise max_length or use truncation_mode keep_end)" if all_cut else "")
         + ".",

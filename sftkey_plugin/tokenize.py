@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import SFTKeyArguments
 from .masking import IGNORE_INDEX, key_mask_for_completion
-from .stats import NOT_LOCATED
+from .stats import AMBIGUOUS, NOT_LOCATED
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -75,6 +75,7 @@ class TurnsMarked:
     finders: list[str] = field(default_factory=list)  # the finder that found each turn's key, in turn order
     turns: int = 0  # assistant turns searched
     not_located: int = 0  # turns whose content the chat template altered
+    ambiguous: int = 0  # turns whose answer statements disagree (AmbiguousAnswer)
 
     def mark(
         self,
@@ -108,6 +109,7 @@ class TurnsMarked:
             eos_token_ids={tokenizer.eos_token_id} if marking.include_eos else (),
             answer_only=answer_only,
         )
+        self.ambiguous += key.ambiguous
         if key.found:
             self.finders.append(key.finder or "")
             end = token_start + len(key.mask)
@@ -115,10 +117,11 @@ class TurnsMarked:
 
     @property
     def finder(self) -> str:
-        """The finders that matched (``+``-joined when turns differ), ``not_located`` or ``""`` for none."""
+        """The finders that matched (``+``-joined when turns differ); without a key, ``ambiguous`` (a turn's answer
+        statements disagree), ``not_located`` or ``""``: a plain string, so the column stays one type."""
         if self.finders:
             return "+".join(dict.fromkeys(self.finders))
-        return NOT_LOCATED if self.not_located else ""
+        return AMBIGUOUS if self.ambiguous else NOT_LOCATED if self.not_located else ""
 
     def columns(self) -> dict[str, Any]:
         """The per-example columns (``TURN_COLUMNS``)."""
@@ -389,8 +392,9 @@ def tokenize_with_key_mask(
     completion_start_rule: str | None = None,
 ) -> dict[str, Any]:
     """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them) and the ``TurnsMarked``
-    columns: ``sftkey_mask``, ``sftkey_finder`` (the finder that matched; ``""`` none, ``"not_located"`` content not
-    found after templating), ``sftkey_turns`` and ``sftkey_turns_found``.
+    columns: ``sftkey_mask``, ``sftkey_finder`` (the finder that matched; ``""`` none, ``"ambiguous"`` answer
+    statements that disagree, ``"not_located"`` content not found after templating), ``sftkey_turns`` and
+    ``sftkey_turns_found``.
 
     ``completion_start_rule``: where a prompt/completion record's completion starts (``COMPLETION_STARTS``); by
     default the installed TRL's rule, so the trained tokens are the ones stock ``SFTTrainer`` trains."""

@@ -8,8 +8,10 @@ import textwrap
 
 import pytest
 
-from sftkey_plugin import find_key_spans, finder_names, match_key_spans
+from sftkey_plugin import AmbiguousAnswer, find_key_spans, finder_names, match_key_spans
 from sftkey_plugin.config import SFTKeyArguments, validate_sftkey_arguments
+from sftkey_plugin.finders import answer_is
+from sftkey_plugin.stats import AMBIGUOUS, KeyDataStats
 
 
 def keys(text: str, finder: str = "auto", **options) -> list[str]:
@@ -49,18 +51,17 @@ def keys(text: str, finder: str = "auto", **options) -> list[str]:
         # answer_is: multiple choice, numbers with dots, Minerva
         ("Blah. So the answer is (B).", "answer_is", ["the answer is (B)"]),
         ("The answer is 3.5.", "answer_is", ["The answer is 3.5"]),
-        ("The answer is 2. Wait, the answer is 4", "answer_is", ["the answer is 4"]),
         (
             "Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.",
             "answer_is",
             ["Final Answer: The final answer is $\\frac{1}{2}$"],
         ),
         ("no answer here", "answer_is", []),
-        # the last phrase that states the answer: not a check, a question or a judgement of it
+        # the last statement of the answer: a check or a question is none, "not 8" rules out a value
         ("The answer is 7. Let me check whether the answer is right: 3+4=7.", "answer_is", ["The answer is 7"]),
-        ("The answer is 7. Is the answer correct? Yes, the answer is correct.", "answer_is", ["The answer is 7"]),
         ("Maybe the answer is 6? No: the answer is 7.", "answer_is", ["the answer is 7"]),
         ("The answer is 7, not 8. So the answer is not 8.", "answer_is", ["The answer is 7"]),
+        ("The answer is 2. Wait, 1 + 3 = 4.\n\nFinal Answer: 4", "answer_is", ["Final Answer: 4"]),
         ("If the answer is 6, then 6 + 1 = 7. So the answer is 7.", "answer_is", ["the answer is 7"]),
         ("So the answer is 7?", "answer_is", []),
         # a comma ends the answer unless another value of it follows
@@ -71,6 +72,25 @@ def keys(text: str, finder: str = "auto", **options) -> list[str]:
 )
 def test_builtin_finders_golden(text, finder, expected):
     assert keys(text, finder) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is 2. Wait, the answer is 4",  # a correction not labelled final: it could be a remark
+        "The answer is 7. Is the answer correct? Yes, the answer is correct.",
+        "The answer is 12.\n\nVerification: 5 + 7 = 12, so the answer is consistent.",
+        "The answer is 8. Hmm, no, the answer is not 8.",
+        "Final Answer: 12. The answer is confirmed.",
+    ],
+)
+def test_answer_is_refuses_statements_that_disagree(text):
+    """No key, and the finder value ``ambiguous``: ``auto`` stops there rather than try the next finder."""
+    with pytest.raises(AmbiguousAnswer, match="disagree"):
+        answer_is(text)
+    assert match_key_spans(text) == (AMBIGUOUS, [])
+    assert match_key_spans(text, "auto", None, {"auto_order": ["answer_is"]}, answer_only=True) == (AMBIGUOUS, [])
+    assert find_key_spans(text, "answer_is") == []
 
 
 def test_regex_finder_uses_named_group_and_match_option():
@@ -131,10 +151,28 @@ def test_options_are_checked_against_the_finders_in_play():
     assert {"auto", "tags", "think", "gsm8k", "boxed", "answer_is", "regex", "field"} <= set(finder_names())
 
 
+def _run_with_installed_finder(tmp_path, source: str, script: str) -> str:
+    """Run ``script`` in a fresh interpreter beside a separately 'installed' distribution (a dist-info on sys.path)
+    whose ``sftkey_plugin.finders`` entry point is the module ``source``; its standard output."""
+    (tmp_path / "shout_finder.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / "shout_finder-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-finder\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[sftkey_plugin.finders]\nshout = shout_finder\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+        check=True,
+    )
+    return result.stdout.strip()
+
+
 def test_third_party_finder_registered_through_an_entry_point(tmp_path):
-    """A separately 'installed' distribution (a dist-info on sys.path) adds a finder picked by name."""
-    (tmp_path / "shout_finder.py").write_text(
-        textwrap.dedent("""
+    """A separately 'installed' distribution adds a finder picked by name."""
+    source = """
         from sftkey_plugin import hookimpl
 
         def shout(text, *, example=None, marker="!!"):
@@ -144,23 +182,47 @@ def test_third_party_finder_registered_through_an_entry_point(tmp_path):
         @hookimpl
         def sftkey_finders():
             return {"shout": shout}
-    """)
-    )
-    dist = tmp_path / "shout_finder-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-finder\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[sftkey_plugin.finders]\nshout = shout_finder\n")
+    """
     script = (
         "from sftkey_plugin import find_key_spans, finder_names\n"
         "print('shout' in finder_names(), find_key_spans('reason !!ANSWER', 'shout'),"
         " find_key_spans('x ##B', 'shout', marker='##'))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
-        check=True,
+    assert _run_with_installed_finder(tmp_path, source, script) == "True [(7, 15)] [(2, 5)]"
+
+
+def test_third_party_finder_raises_ambiguous(tmp_path):
+    """A third-party finder that cannot tell two answers apart raises ``AmbiguousAnswer``: no key, the finder value
+    ``ambiguous``, counted as ambiguous (a kind of missing), and ``auto`` tries no later finder."""
+    source = """
+        from sftkey_plugin import AmbiguousAnswer, hookimpl
+
+        def shout(text, *, example=None):
+            if text.count("!!") > 1:
+                raise AmbiguousAnswer("two answers marked !!")
+            start = text.find("!!")
+            return [(start, len(text))] if start >= 0 else []
+
+        @hookimpl
+        def sftkey_finders():
+            return {"shout": shout}
+    """
+    script = (
+        "from sftkey_plugin import match_key_spans\n"
+        "order = {'auto_order': ['shout', 'answer_is']}\n"
+        "print(match_key_spans('!!3 !!4', 'shout'), match_key_spans('!!3 !!4 The answer is 4.', 'auto', None, order),"
+        " match_key_spans('!!4', 'auto', None, order))\n"
     )
-    assert result.stdout.strip() == "True [(7, 15)] [(2, 5)]"
+    assert (
+        _run_with_installed_finder(tmp_path, source, script)
+        == "('ambiguous', []) ('ambiguous', []) ('shout', [(0, 3)])"
+    )
+
+
+def test_ambiguous_is_counted_as_missing_and_named_in_the_summary_line():
+    """``ambiguous`` is a finder value, never a finder that found something: counted in ``missing`` and apart."""
+    stats = KeyDataStats.from_columns(
+        "train", ["found", "missing", "missing"], ["answer_is", AMBIGUOUS, ""], [2, 0, 0], [9, 9, 9]
+    )
+    assert (stats.found, stats.missing, stats.ambiguous, dict(stats.by_finder)) == (1, 2, 1, {"answer_is": 1})
+    assert "2 without a key span (1 ambiguous: answer statements disagree)" in stats.summary_line()

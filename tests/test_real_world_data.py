@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from test_trl import PER_TOKEN, trainer_for
 
-from sftkey_plugin import find_key_spans
+from sftkey_plugin import find_key_spans, match_key_spans
 from sftkey_plugin.cli.main import main
 from sftkey_plugin.examples import arithmetic_records
 from sftkey_plugin.masking import IGNORE_INDEX
+from sftkey_plugin.stats import marked_rows_stats
 from sftkey_plugin.tokenize import MarkingOptions, key_mask_from_token_ids, mark_token_ids, tokenize_with_key_mask
 
 # run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
@@ -39,15 +40,14 @@ def keys(text: str, finder: str = "auto", **options) -> list[str]:
         ("答案是3.5。", "答案是3.5"),
         ("最終答案為 7", "最終答案為 7"),
         ("答案: 12\n以上。", "答案: 12"),
-        ("The answer is 4. 不对，所以答案是 5。", "答案是 5"),
         ("先问答案是什么。答案是 9，检查无误。", "答案是 9"),
         ("答案是 (C). Done.", "答案是 (C)"),
-        # a check, a question or a judgement after the answer is not the answer; a restatement is
+        # a check ("whether", 是否) or a question before the answer is none; a restatement agrees
         ("所以答案是 7。我们再检查答案是否正确：3+4=7，没错。", "答案是 7"),
         ("答案为什么是 7？因为 3+4=7。所以答案是 7。", "答案是 7"),
-        ("答案是 7。答案是对的。", "答案是 7"),
-        ("答案是 7。答案是 8 吗？不是。", "答案是 7"),
+        ("答案是 8 吗？不是。答案是 7。", "答案是 7"),
         ("答案是 7。再写一遍：答案是 7。", "答案是 7"),
+        ("答案是 7。这个答案是 7，没错。", "答案是 7"),
         # an ASCII or full-width comma ends the answer unless another value of it follows
         ("答案是 x = 2, y = 3。", "答案是 x = 2, y = 3"),
         ("答案是 7，因为 3+4=7。", "答案是 7"),
@@ -58,6 +58,20 @@ def test_chinese_answer_phrases(text: str, expected: str) -> None:
     """answer_is (and so auto) finds the last Chinese answer phrase, up to a full-width or ASCII stop."""
     assert keys(text, "answer_is") == [expected]
     assert keys(text) == [expected]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is 4. 不对，所以答案是 5。",  # a correction not labelled final (最终答案) could be a remark
+        "答案是 7。答案是对的。",
+        "答案是 7。答案是 8 吗？不是。",  # a question after the answer reopens it
+        "答案是 12。代入检验：3 × 4 = 12，答案是合理的。",
+    ],
+)
+def test_chinese_answers_that_disagree_have_no_key(text: str) -> None:
+    assert keys(text, "answer_is") == []
+    assert match_key_spans(text) == ("ambiguous", [])
 
 
 def test_no_answer_phrase_means_no_key() -> None:
@@ -239,6 +253,21 @@ def test_chinese_answers_and_multi_turn_in_a_chat(tokenizer: Any) -> None:
     encoded = tokenize_with_key_mask(record, tokenizer, MarkingOptions())
     assert key_runs(tokenizer, encoded) == ["答案是 5", f"最终答案：4{EOS}"]
     assert (encoded["sftkey_turns"], encoded["sftkey_turns_found"], encoded["sftkey_finder"]) == (3, 2, "answer_is")
+
+
+def test_ambiguous_turns_are_counted_and_named(tokenizer: Any) -> None:
+    """A turn whose answer statements disagree gets no key; the example keeps its other turns' keys, and one with
+    no key at all has the finder value ``ambiguous`` (counted as missing, and as ambiguous)."""
+    disagree = _assistant("The answer is 12.\n\nVerification: 5 + 7 = 12, so the answer is consistent.")
+    record = {"messages": [_user("5 + 7?"), disagree, _user("And 2 + 2?"), _assistant("So the answer is 4.")]}
+    encoded = tokenize_with_key_mask(record, tokenizer, MarkingOptions())
+    assert key_runs(tokenizer, encoded) == ["the answer is 4"]
+    assert (encoded["sftkey_turns"], encoded["sftkey_turns_found"], encoded["sftkey_finder"]) == (2, 1, "answer_is")
+    alone = tokenize_with_key_mask({"messages": record["messages"][:2]}, tokenizer, MarkingOptions())
+    assert (alone["sftkey_turns_found"], alone["sftkey_finder"], 1 in alone["sftkey_mask"]) == (0, "ambiguous", False)
+    trained = [1] * len(alone["input_ids"])
+    stats = marked_rows_stats("train", [{**alone, "labels": trained}, {**encoded, "labels": trained}])
+    assert (stats.found, stats.missing, stats.ambiguous, dict(stats.by_finder)) == (1, 1, 1, {"answer_is": 1})
 
 
 def test_tool_call_turns_without_text_are_not_turns(tokenizer: Any) -> None:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from ..finders import answer_is, boxed, gsm8k, match_key_spans
+from ..finders import AnswerStatement, answer_statement, boxed, gsm8k, match_key_spans
+from ..hookspecs import AmbiguousAnswer
 
 _FREE = r"(?:(?!</?Thinking>|</?Answer>).)*"
 # The paper's Fmt: exactly one thinking block, then one answer block, nothing else (each non-blank)
 FORMAT_PATTERN = rf"\s*<Thinking>(?P<reasoning>{_FREE})</Thinking>\s*<Answer>(?P<answer>{_FREE})</Answer>\s*"
 
-_ANSWER_PHRASE = re.compile(r"(?is)^(?:final answer:\s*)?(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*")
 _MATH_WRAP = re.compile(r"(?s)^(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*(?:%|[A-Za-z][A-Za-z .]*)?")
@@ -31,7 +31,8 @@ _LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?|\(([a-z])\)|\(([A-Z])\)\s.*|([A-Z])[.
 
 @dataclass
 class Extraction:
-    """What was read from one output: the finder that matched, the raw key span, the bare answer."""
+    """What was read from one output: the finder that matched (``ambiguous``: its answers disagree), the raw key
+    span, the bare answer."""
 
     finder: str | None
     span: str | None
@@ -63,8 +64,8 @@ def strip_markers(text: str) -> str:
     spans = boxed(answer)
     if spans:
         answer = _unbox(answer[spans[0][0] : spans[0][1]])
-    elif spans := answer_is(answer):
-        answer = _ANSWER_PHRASE.sub("", answer[spans[0][0] : spans[0][1]])
+    elif statement := _stated(answer):
+        answer = answer[statement.value_start : statement.value_end]
     elif spans := gsm8k(answer):
         answer = answer[spans[0][0] : spans[0][1]].lstrip("#")
     answer = answer.strip().rstrip(".").strip()
@@ -72,6 +73,14 @@ def strip_markers(text: str) -> str:
     if wrapped:
         answer = next(group for group in wrapped.groups() if group is not None).strip()
     return answer
+
+
+def _stated(text: str) -> AnswerStatement | None:
+    """The answer statement ``answer_is`` keys in ``text`` (None: none, or statements that disagree)."""
+    try:
+        return answer_statement(text)
+    except AmbiguousAnswer:
+        return None
 
 
 def extract_answer(
@@ -83,7 +92,7 @@ def extract_answer(
     """Find the key span with the training finder and reduce it to the bare answer (None: no span, or blank)."""
     name, spans = match_key_spans(text, finder, example, options)
     if not spans:
-        return Extraction(None, None, None)
+        return Extraction(name, None, None)  # None, or AMBIGUOUS: counted apart by sftkey eval
     span = text[spans[-1][0] : spans[-1][1]]
     answer = strip_markers(span)
     return Extraction(name, span, answer or None)

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import EDGE_TOKENS, TURNS
 from ..finders import validate_finder_options
 from ..masking import truncation_slice
-from ..stats import CUT, FOUND, MISSING, KeyDataStats, key_status
+from ..stats import AMBIGUOUS, CUT, FOUND, MISSING, KeyDataStats, key_status
 from .data import CLIError, load_records, parse_json_option, record_form
 
 NO_FINDER = "(none)"
@@ -199,7 +199,7 @@ def summarise(rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[
     stats = KeyDataStats.from_columns(
         "preview",
         [r["status"] for r in rows],
-        [r["finder"] if r["status"] != MISSING else "" for r in rows],
+        [r["finder"] for r in rows],  # counted by finder only when found; ambiguous / not_located counted apart
         [r["key_tokens"] for r in rows],
         [r["trained_tokens"] for r in rows],
         [(r["turns"], r["turns_found"]) for r in rows],
@@ -230,6 +230,8 @@ def format_summary(summary: dict[str, Any], header: str, per_finder: bool) -> st
         f"  {'  complete after truncation':<38}{share(summary['complete'])}",
         f"  {'  answer cut by truncation':<38}{share(summary['cut'])}",
         f"  {'without a key span':<38}{share(summary['missing'])}",
+        f"  {'  ambiguous (answers disagree)':<38}{share(summary['ambiguous'])}",
+        f"  {'  altered by the chat template':<38}{share(summary['not_located'])}",
         f"  {'assistant turns (with a key span)':<38}{summary['turns']:>7}  ({summary['turns_found']})",
         f"  {'no trained token left (TRL drops)':<38}{summary['emptied']:>7}",
         f"  {'records that cannot be tokenised':<38}{summary['errors']:>7}",
@@ -353,7 +355,9 @@ def _print_report(args, records, summary, shown, errors, encodings, tokenizer) -
     for row in shown:
         texts = token_texts(tokenizer, encodings[row["index"]])
         print(
-            f"\n--- record {row['index']}: {row['status']}, finder {row['finder']}, {row['key_tokens']} key of "
+            f"\n--- record {row['index']}: {row['status']}, finder {row['finder']}"
+            + (" (answer statements disagree: no key)" if row["finder"] == AMBIGUOUS else "")
+            + f", {row['key_tokens']} key of "
             f"{row['trained_tokens']} trained tokens ({row['tokens']} in all)"
             + (f", key in {row['turns_found']} of {row['turns']} assistant turns" if row["turns"] > 1 else "")
         )
