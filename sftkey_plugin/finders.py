@@ -12,8 +12,13 @@ reasoning in a separate field (``reasoning_content``) is the answer alone: there
 ``field`` (when their option is given), then ``content`` (the whole message content); with an ``auto_order``
 option, that order, then ``content``.
 
-``answer_is`` knows English ("The answer is (B)", "Final Answer: ...") and Chinese ("答案是 A。", "答案为：42",
-"最终答案：（B）") answer phrases. Another language is one ``regex`` away, e.g. Japanese ``sftkey_finder: regex``
+``answer_is`` knows English ("The answer is (B)", "Final Answer: 42", "**Answer:** 42") and Chinese ("答案是 A。",
+"答案为：42", "最终答案：（B）") answer phrases, and does not guess: it reads every phrase as a statement, a remark, a
+denial or a question, and keys the last statement only when, from the last one labelled final on, all statements
+and remarks agree (``answer_statement``). Otherwise it raises ``AmbiguousAnswer``: ``match_key_spans`` returns
+``AMBIGUOUS`` and no span, ``auto`` stops there, and the example is counted as ambiguous (docs/data.md states the
+rule, how corrections are treated, and its figures on tests/answer_endings.jsonl). Another language is one
+``regex`` away, e.g. Japanese ``sftkey_finder: regex``
 with ``sftkey_finder_options: {pattern: "(?P<key>答えは\\s*[^。\\n]+)"}``; a finder that should also take part in
 ``auto`` is a third-party finder (``sftkey_plugin.hookspecs``) listed in the ``auto_order`` option, e.g.
 ``{auto_order: [tags, think, gsm8k, boxed, answer_is, answer_ja]}``.
