@@ -155,11 +155,12 @@ _ZH_PHRASE = re.compile(
     r"(?:\*\*)?(?P<final>最[终終后後])?答案(?:\*\*)?\s*(?:应该|应|應該|應)?\s*"
     r"(?:(?P<denial>(?:并|並)?不是)|(?:是|为|為)\s*[:：]?|[:：])"
 )
-# a phrase right after these is a condition or an indirect question, or (ZH) speaks of an answer already given
+# a phrase right after these is a condition or an indirect question (left out) ...
 _CONDITIONAL = re.compile(
     r"(?i)(?:\b(?:if|whether|what|which|unless|suppose|supposing|assume|assuming|when|once)\s+"
     r"|(?:如果|假如|假设|假設|假定|若|要是|倘若)\s*)$"
 )
+# ... or (Chinese) speaks of an answer already given: a remark
 _ZH_REMARK = re.compile(r"(?:这个|這個|那个|那個|该|該|(?<![因如彼])此|这|這|我的|我们的|我們的|你的|上述|上面的)$")
 _ZH_INTERROGATIVE = re.compile(r"^(?:什么|什麼|多少|几|幾|哪|谁|誰|怎)")
 # "the answer is not 3 but 4", "答案不是 3，而是 4": the answer after "but"
@@ -241,8 +242,8 @@ def _dot_goes_on(text: str, start: int, index: int) -> bool:
 
 
 def _word_before(text: str, start: int, index: int) -> str:
-    """The letters and dots of the value right before ``index``."""
-    return re.search(r"[A-Za-z.]*$", text[start:index]).group()  # type: ignore[union-attr]
+    """The letters and dots of the value right before ``index`` (an abbreviation is short: the last 16 characters)."""
+    return re.search(r"[A-Za-z.]*$", text[max(start, index - 16) : index]).group()  # type: ignore[union-attr]
 
 
 def _value_end(text: str, start: int) -> int:

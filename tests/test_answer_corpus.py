@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sftkey_plugin import AmbiguousAnswer, match_key_spans
+from sftkey_plugin.cli.answers import answers_match, extract_answer
 from sftkey_plugin.cli.main import main
 from sftkey_plugin.finders import answer_is
 
@@ -99,3 +100,26 @@ def test_preview_counts_and_shows_ambiguous_examples(tiny_dir: str, tmp_path: Pa
     table = capsys.readouterr().out
     assert re.search(rf"ambiguous \(answers disagree\) +{ambiguous} ", table)
     assert "finder ambiguous (answer statements disagree: no key)" in table
+
+
+@pytest.mark.parametrize(
+    ("output", "bare", "gold"),
+    [
+        ("Step 1: 6 * 7 = 42.\n\nFinal Answer: 42", "42", "42"),
+        ("**Answer:** 42", "42", "42"),
+        ("Only B works.\n\nAnswer: (B)", "(B)", "B"),
+        ("**Final Answer: 42**", "42", "42"),
+        ("所以答案是 A。", "A", "A"),
+        ("最终答案：（B）", "（B）", "B"),
+        ("The answer is Mr. Smith.", "Mr. Smith", "Mr. Smith"),
+        ("Checking both: the answer is not 3 but 4.", "4", "4"),
+        ("The answer is 12.\n\nVerification: 5 + 7 = 12, so the answer is consistent.", None, "12"),
+    ],
+)
+def test_eval_extracts_the_bare_answer_with_the_training_rule(output: str, bare: str | None, gold: str) -> None:
+    """``sftkey eval`` reads the answer the training finder keys, without its marker; an ambiguous output has none
+    (and is named so), rather than a verification word."""
+    extraction = extract_answer(output)
+    assert extraction.answer == bare
+    assert extraction.finder == ("answer_is" if bare is not None else "ambiguous")
+    assert answers_match(extraction.answer, gold) is (bare is not None)

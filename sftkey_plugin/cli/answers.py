@@ -25,6 +25,7 @@ FORMAT_PATTERN = rf"\s*<Thinking>(?P<reasoning>{_FREE})</Thinking>\s*<Answer>(?P
 _MATH_WRAP = re.compile(r"(?s)^(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*(?:%|[A-Za-z][A-Za-z .]*)?")
+_FULL_WIDTH = str.maketrans("（）：", "():")  # "（B）" is "(B)"
 _MATH = re.compile(r"[\d\\]")  # a digit or a LaTeX command: an answer math-verify can read
 _LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?|\(([a-z])\)|\(([A-Z])\)\s.*|([A-Z])[.:)]\s.*", re.S)
 
@@ -123,7 +124,7 @@ def normalize_answer(text: str | None) -> str | None:
     """One canonical string per answer, so equal answers compare equal (None stays None)."""
     if text is None:
         return None
-    answer = strip_markers(text).strip().rstrip(".").strip()
+    answer = strip_markers(text).strip().rstrip(".").strip().translate(_FULL_WIDTH)
     answer = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer)  # "x = 5" answers the question "x?" with 5
     if not answer:
         return None
