@@ -540,6 +540,96 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
     assert diff < 1e-6
 
 
+# ---- sftkey_on_missing: drop against a file without the dropped rows ------------------------------------------------
+
+# Rows in file order (no shuffle, sequential packing sampler): the packed bins, so the step count, then depend only
+# on which rows there are, not on a shuffle that differs between a file of 96 rows and one of 48.
+DROP_RUN = {
+    "max_steps": None,
+    "num_epochs": 1,
+    "micro_batch_size": 2,
+    "shuffle_merged_datasets": False,
+    "curriculum_sampling": True,
+    "save_strategy": "epoch",  # checkpoint-<steps trained>/trainer_state.json
+    "save_steps": None,
+    "sftkey": True,
+    "sftkey_finder": "tags",
+}
+DROP_PACKED = {"sample_packing": True, "pad_to_sequence_len": True, "micro_batch_size": 1}
+DROP_LISTINGS = {"listed": {"plugins": [PLUGIN]}} | ({"entry_point": {}} if DISCOVERY else {})
+
+
+@pytest.fixture(scope="module")
+def drop_data(workdir) -> dict[str, str]:
+    """48 chats with a tagged answer and 48 as long without the tags, interleaved; and the 48 keyed ones alone."""
+    from sftkey_plugin.examples import arithmetic_records
+
+    keyed = arithmetic_records(48, seed=4, form="messages")
+    keyless = copy.deepcopy(arithmetic_records(48, seed=5, form="messages"))
+    for record in keyless:
+        answer = record["messages"][-1]
+        for tag, plain in (("<Thinking>", ""), ("</Thinking>", ""), ("<Answer>", "Result: "), ("</Answer>", ".")):
+            answer["content"] = answer["content"].replace(tag, plain)
+    files = {}
+    for name, records in (("mixed", [r for pair in zip(keyed, keyless) for r in pair]), ("clean", keyed)):
+        path = workdir["root"] / f"drop_{name}.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        files[name] = str(path)
+    return files
+
+
+def trained_steps(workdir, name: str, data: str, overrides: dict) -> dict:
+    """Run ``axolotl train`` on ``data`` to the end of its epoch: the steps it trained and planned, and its output."""
+    config = _config(workdir, name, {**DROP_RUN, **overrides})
+    config["datasets"] = [{"path": data, "ds_type": "json", "type": "chat_template"}]
+    config["dataset_prepared_path"] = str(workdir["root"] / f"prepared_{name}")
+    path = _write(workdir["root"] / f"{name}.yml", config)
+    done = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(path)], cwd=workdir["root"], env=_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    (checkpoint,) = Path(config["output_dir"]).glob("checkpoint-*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    steps = len([entry for entry in state["log_history"] if "loss" in entry])
+    assert steps == state["global_step"] == int(checkpoint.name.split("-")[1])
+    return {"steps": steps, "max_steps": state["max_steps"], "output": output}
+
+
+@pytest.fixture(scope="module")
+def clean_runs(workdir, drop_data) -> dict:
+    """Axolotl's own count for the file without the rows to drop: ``sftkey_on_missing: keep`` (nothing is missing),
+    so the plugin leaves the loading and the step count to Axolotl; one run per packing setting, made when needed."""
+    runs: dict = {}
+
+    def run(packed: bool) -> dict:
+        if packed not in runs:
+            overrides = {**LISTING, "sftkey_on_missing": "keep", **(DROP_PACKED if packed else {})}
+            runs[packed] = trained_steps(
+                workdir, f"clean_{'packed' if packed else 'padded'}", drop_data["clean"], overrides
+            )
+        return runs[packed]
+
+    return run
+
+
+@pytest.mark.parametrize("listing", list(DROP_LISTINGS))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_drop_trains_the_steps_of_a_file_without_the_dropped_rows(workdir, drop_data, clean_runs, listing, packed):
+    """``sftkey_on_missing: drop`` with ``num_epochs`` and no ``max_steps``: exactly the optimizer steps Axolotl plans
+    and trains for the file without those rows, with and without ``sample_packing``, the plugin listed under
+    ``plugins:`` or (Axolotl 0.21) loaded from its entry point by ``sftkey: true`` alone. Axolotl caches the token
+    count and packing efficiency of the first count in the config; a recount that reused them planned the steps of
+    all 96 rows, as a float that stopped the run at its first step."""
+    name = f"drop_{'packed' if packed else 'padded'}_{listing}"
+    overrides = {**DROP_LISTINGS[listing], "sftkey_on_missing": "drop", **(DROP_PACKED if packed else {})}
+    dropped = trained_steps(workdir, name, drop_data["mixed"], overrides)
+    clean = clean_runs(packed)
+    print(f"\nAxolotl drop ({name}): {dropped['steps']} steps; file without the dropped rows: {clean['steps']}")
+    assert "SFTKey: dropped 48 of 96 train examples without a key span" in dropped["output"]
+    assert dropped["steps"] == dropped["max_steps"] == clean["steps"] == clean["max_steps"]
+    assert clean["steps"] >= 6  # several steps, which the 48 dropped rows would have doubled
+
+
 # ---- in-process: config loading, strategy, validators, preview ----------------------------------------------
 
 

@@ -40,6 +40,23 @@ def marking_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# What Axolotl's ``calculate_total_num_steps`` stores in the config from the first rows it counts and reuses in every
+# later count: the token totals and, with sample_packing, the packing efficiency measured on those rows.
+STEP_COUNT_CACHE = ("total_num_tokens", "total_supervised_tokens", "sample_packing_eff_est")
+
+
+def steps_of_kept_rows(cfg: Any, train: Any, configured: dict[str, Any]) -> int:
+    """Axolotl's count of training steps for ``train`` as for a file holding only these rows: its caches reset to
+    the values the config came with (``configured``), so the kept rows are counted and packed afresh, not estimated
+    from the totals of the rows before the drop; an int (the estimate times a float ``num_epochs`` is a float)."""
+    from axolotl.utils.trainer import calculate_total_num_steps
+
+    for key, value in configured.items():
+        cfg[key] = value
+    steps = int(calculate_total_num_steps(cfg, train))
+    return min(steps, cfg.max_steps) if cfg.get("max_steps") else steps
+
+
 class _ToAxolotlLog(logging.Handler):
     """Re-emit ``sftkey_plugin`` records as ``axolotl.sftkey_plugin`` so Axolotl's console shows them (its handlers
     pass only ``axolotl*`` records below WARNING)."""
@@ -98,26 +115,36 @@ class SFTKeyPlugin(BasePlugin):
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
         """With ``sftkey_on_missing: drop``: Axolotl's own loading, then the rows without a key span dropped after
         they are counted (``sftkey_min_found`` counts them, as on the TRL side) and the training steps counted again
-        by Axolotl's rule; otherwise None (Axolotl loads the data itself)."""
+        as Axolotl counts a file without those rows; otherwise None (Axolotl loads the data itself)."""
         if not cfg.get("sftkey") or cfg.get("sftkey_on_missing") != "drop" or preprocess or cfg.get("rl"):
             return None
         from axolotl.common.datasets import TrainDatasetMeta
         from axolotl.common.datasets import load_datasets as axolotl_load_datasets
         from axolotl.loaders import load_tokenizer
-        from axolotl.utils.trainer import calculate_total_num_steps
+        from axolotl.utils.distributed import init_distributed_state
 
+        from ..hf_trainer import main_process_first
         from .trainer import PRE_DROP_STATS, mark_count_and_apply_policy
 
+        configured = {key: cfg.get(key) for key in STEP_COUNT_CACHE}
         meta = axolotl_load_datasets(cfg=cfg)
         tokenizer, arguments = load_tokenizer(cfg), sftkey_arguments_from(cfg)
-        train, stats = mark_count_and_apply_policy(meta.train_dataset, "train", tokenizer, arguments, cfg)
-        counts = {"train": stats}
-        evaluation = meta.eval_dataset
-        if evaluation is not None:
-            evaluation, counts["eval"] = mark_count_and_apply_policy(evaluation, "eval", tokenizer, arguments, cfg)
+
+        def mark_and_drop() -> tuple[Any, Any, dict[str, Any]]:
+            train, stats = mark_count_and_apply_policy(meta.train_dataset, "train", tokenizer, arguments, cfg)
+            counts, evaluation = {"train": stats}, meta.eval_dataset
+            if evaluation is not None:
+                evaluation, counts["eval"] = mark_count_and_apply_policy(evaluation, "eval", tokenizer, arguments, cfg)
+            return train, evaluation, counts
+
+        init_distributed_state()  # the process group as Axolotl sets it up (its timeout), if this run has several
+        # As Axolotl prepares data: the main process first, the others then read the map and filter results it
+        # cached beside the prepared dataset (and a refusal stops every process, none left at a barrier).
+        train, evaluation, counts = main_process_first(mark_and_drop)
         cfg[PRE_DROP_STATS] = counts
-        steps = calculate_total_num_steps(cfg, train)
-        return TrainDatasetMeta(train, evaluation, min(steps, cfg.max_steps) if cfg.get("max_steps") else steps)
+        if not counts["train"].dropped:
+            return TrainDatasetMeta(train, evaluation, meta.total_num_steps)
+        return TrainDatasetMeta(train, evaluation, steps_of_kept_rows(cfg, train, configured))
 
     def get_input_args(self) -> str:
         return "sftkey_plugin.axolotl.args.SFTKeyInputArgs"
