@@ -28,12 +28,13 @@ def _strip(examples: list[Any], column: str) -> list[Any]:
 @dataclass
 class SFTKeyDataCollator:
     """Wrap ``inner``: take ``sftkey_mask`` out of each row, collate the rest, then add the mask back as a
-    ``torch.long`` tensor of exactly ``input_ids``'s shape (rows concatenated when the inner collator flattens them,
-    padded with 0 on ``padding_side``). A length that does not match is an error, never a silent misalignment.
+    ``torch.long`` tensor of exactly ``input_ids``'s shape (rows concatenated when the inner collator flattens them),
+    each mask where ``inner`` put that row's tokens: the side it padded is read from the batch, not assumed (TRL's
+    collator pads on the right whatever the tokenizer says). A row ``inner`` changed or put elsewhere is an error,
+    never a silent misalignment.
     """
 
     inner: Callable[[list[Any]], dict[str, Any]]
-    padding_side: str = "right"
     column: str = SFTKEY_MASK
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
@@ -44,15 +45,23 @@ class SFTKeyDataCollator:
                 "SFTKey transform (for example with skip_prepare_dataset, or by a trainer without the SFTKey plugin)."
             )
         masks = [torch.as_tensor(row[self.column], dtype=torch.long) for row in rows]
+        ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
         batch = self.inner(_strip(examples, self.column))
         input_ids = batch["input_ids"]
         if input_ids.shape[0] == len(masks):
-            rows_masks = masks
+            rows_masks, rows_ids = masks, ids
         elif input_ids.shape[0] == 1 or (input_ids.shape[0] == len(examples) and isinstance(examples[0], list)):
             rows_masks = self._group(examples, masks, input_ids.shape[0])
+            rows_ids = self._group(examples, ids, input_ids.shape[0])
         else:
             raise ValueError(f"SFTKey cannot match {len(masks)} rows to a batch of {input_ids.shape[0]} sequences.")
-        batch[self.column] = torch.stack([self._pad(mask, input_ids.shape[1]) for mask in rows_masks])
+        attention = batch.get("attention_mask")
+        batch[self.column] = torch.stack(
+            [
+                place_row(mask, row_ids, input_ids[index], None if attention is None else attention[index])
+                for index, (mask, row_ids) in enumerate(zip(rows_masks, rows_ids))
+            ]
+        )
         return batch
 
     @staticmethod
@@ -63,11 +72,32 @@ class SFTKeyDataCollator:
         bounds = list(itertools.accumulate([0, *(len(group) for group in examples)]))
         return [torch.cat(masks[start:end]) for start, end in itertools.pairwise(bounds)]
 
-    def _pad(self, mask: torch.Tensor, width: int) -> torch.Tensor:
-        if mask.numel() > width:
-            raise ValueError(f"SFTKey: a key mask of {mask.numel()} tokens does not fit a row of {width} tokens.")
-        padding = mask.new_zeros(width - mask.numel())
-        return torch.cat([padding, mask] if self.padding_side == "left" else [mask, padding])
+
+def row_start(row_ids: torch.Tensor, batch_row: torch.Tensor, attention_row: torch.Tensor | None = None) -> int:
+    """Where a collator put a row's tokens in its padded batch row: at the start (padded on the right) or at the end
+    (padded on the left), read from the tokens (and, where both fit, the attention mask); an error otherwise."""
+    n, width = row_ids.numel(), batch_row.numel()
+    starts = [start for start in dict.fromkeys((0, width - n)) if start >= 0]
+    fits = [start for start in starts if torch.equal(batch_row[start : start + n], row_ids)]
+    if len(fits) > 1 and attention_row is not None:
+        fits = [start for start in fits if bool(attention_row[start : start + n].ne(0).all())]
+    if len(fits) != 1:
+        problem = "changed or moved a row's input_ids" if not fits else "padded a row so that its side is unclear"
+        raise ValueError(f"SFTKey: the data collator {problem}; its key tokens cannot be placed.")
+    return fits[0]
+
+
+def place_row(
+    mask: torch.Tensor, row_ids: torch.Tensor, batch_row: torch.Tensor, attention_row: torch.Tensor | None
+) -> torch.Tensor:
+    """``mask`` (one per token of ``row_ids``) spread over ``batch_row``'s width where the collator put the row, 0
+    elsewhere."""
+    if mask.numel() != row_ids.numel():
+        raise ValueError(f"SFTKey: a key mask of {mask.numel()} tokens belongs to a row of {row_ids.numel()} tokens.")
+    start = row_start(row_ids, batch_row, attention_row)
+    placed = mask.new_zeros(batch_row.numel())
+    placed[start : start + mask.numel()] = mask
+    return placed
 
 
 @dataclass
@@ -80,20 +110,20 @@ class KeyMarkingCollator:
     inner: Callable[[list[Any]], dict[str, Any]]
     tokenizer: Any
     marking: Any  # tokenize.MarkingOptions
-    padding_side: str = "right"
 
     def mark_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         from .tokenize import key_mask_from_token_ids
 
         alone = self.inner([dict(row)])
-        ids, labels, n = alone["input_ids"][0].tolist(), alone["labels"][0].tolist(), len(row["input_ids"])
-        # a row collated alone is padded only up to pad_to_multiple_of, on padding_side
-        keep = slice(len(ids) - n, None) if self.padding_side == "left" else slice(0, n)
-        if ids[keep] != list(row["input_ids"]):
-            raise ValueError("SFTKey: the data collator changed a row's input_ids; its key tokens cannot be placed.")
-        marked = key_mask_from_token_ids(ids[keep], labels[keep], self.tokenizer, self.marking, row)
-        return {**marked.columns(), "labels": labels[keep]}
+        row_ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        attention = alone.get("attention_mask")
+        # a row collated alone is padded only up to pad_to_multiple_of, on the side the collator pads
+        start = row_start(row_ids, alone["input_ids"][0], None if attention is None else attention[0])
+        keep = slice(start, start + row_ids.numel())
+        ids, labels = alone["input_ids"][0][keep].tolist(), alone["labels"][0][keep].tolist()
+        marked = key_mask_from_token_ids(ids, labels, self.tokenizer, self.marking, row)
+        return {**marked.columns(), "labels": labels}
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
         rows = [{**row, SFTKEY_MASK: self.mark_row(row)[SFTKEY_MASK]} for row in examples]
-        return SFTKeyDataCollator(self.inner, self.padding_side)(rows)
+        return SFTKeyDataCollator(self.inner)(rows)

@@ -463,7 +463,7 @@ def tokenize_with_key_mask(
     return output
 
 
-def _trained_segments(labels: Sequence[int]) -> list[tuple[int, int]]:
+def trained_segments(labels: Sequence[int]) -> list[tuple[int, int]]:
     """``[start, end)`` of every run of trained tokens (one per trained turn)."""
     segments: list[tuple[int, int]] = []
     start: int | None = None
@@ -507,7 +507,7 @@ def key_mask_from_token_ids(
     """
     marked = TurnsMarked(mask=[0] * len(input_ids))
     special = set(tokenizer.all_special_ids)
-    segments = _trained_segments(labels)
+    segments = trained_segments(labels)
     # a run of only special tokens (an EOS trained apart from its turn) has no answer text: not a turn
     turns = [
         (start, end, text_end)

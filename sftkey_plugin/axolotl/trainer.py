@@ -129,14 +129,13 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
     def _sftkey_wrap_collators(self) -> None:
         from transformers import DataCollatorWithFlattening
 
-        side = getattr(self.processing_class, "padding_side", None) or "right"
         for attribute in ("data_collator", "eval_data_collator"):
             inner = getattr(self, attribute, None)
             if inner is None or isinstance(inner, SFTKeyDataCollator):
                 continue
             if isinstance(inner, DataCollatorWithFlattening):
                 raise ValueError("SFTKey is not tested with batch_flattening: set batch_flattening: false.")
-            setattr(self, attribute, SFTKeyDataCollator(inner, side))
+            setattr(self, attribute, SFTKeyDataCollator(inner))
         self.train_data_collator = self.data_collator
 
     def sftkey_configure(self, source: Any) -> None:

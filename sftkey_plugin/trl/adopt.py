@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ..collator import SFTKEY_MASK, KeyMarkingCollator
 from ..config import SFTKeyArguments, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
-from ..stats import check_key_share, marked_rows_stats
-from ..tokenize import MarkingOptions, require_fast_tokenizer
+from ..stats import KeyDataStats, check_key_share, marked_rows_stats
+from ..tokenize import MarkingOptions, require_fast_tokenizer, trained_segments
 from .trainer import preview_command, reject_unsupported
 
 logger = logging.getLogger("sftkey_plugin")
@@ -24,6 +25,9 @@ logger = logging.getLogger("sftkey_plugin")
 DATA_FORM = "rows tokenised by a stock SFTTrainer (SFTKeyCallback marks their tokens)"
 
 
+USE_SFTKEY_TRAINER = (
+    "use SFTKeyTrainer (SFTKeyConfig(sftkey=True, ...)), which marks the records before they are prepared"
+)
 _SFTKEY_CLASSES: dict[type, type] = {}
 
 
@@ -37,23 +41,73 @@ def sftkey_class_of(trainer_class: type) -> type:
 
 def _refuse_unmarkable(trainer: Any, arguments: SFTKeyArguments) -> None:
     """What the marking of already prepared rows cannot reproduce of ``SFTKeyTrainer``: refused with what to use."""
-    use = "use SFTKeyTrainer (SFTKeyConfig(sftkey=True, ...)), which marks the records before they are prepared"
     if arguments.sftkey_on_missing == "drop":
-        raise ValueError(f"SFTKeyCallback on a stock SFTTrainer cannot drop rows from a built data loader: {use}.")
+        raise ValueError(
+            f"SFTKeyCallback on a stock SFTTrainer cannot drop rows from a built data loader: {USE_SFTKEY_TRAINER}."
+        )
     if arguments.sftkey_turns == "last" and trainer.args.packing:
         raise ValueError(
-            f"SFTKeyCallback cannot tell the examples of a packed row apart for sftkey_turns='last': {use}."
+            "SFTKeyCallback cannot tell the examples of a packed row apart for sftkey_turns='last': "
+            f"{USE_SFTKEY_TRAINER}."
         )
     dataset, limit = trainer.train_dataset, trainer.args.max_length
     if SFTKEY_MASK in dataset.column_names:
-        raise ValueError(f"SFTKeyCallback: the training rows already hold {SFTKEY_MASK!r}: {use}.")
+        raise ValueError(f"SFTKeyCallback: the training rows already hold {SFTKEY_MASK!r}: {USE_SFTKEY_TRAINER}.")
     packed = "seq_lengths" in dataset.column_names  # a packed row holds several sequences, each cut on its own
     lengths = (max(row) for row in dataset["seq_lengths"]) if packed else map(len, dataset["input_ids"])
     if limit is not None and any(length >= limit for length in lengths):
         raise ValueError(
             f"SFTKeyCallback: some training rows reach max_length={limit}, so SFTTrainer may have cut their answers "
-            f"before the callback sees them: raise max_length, or {use} (it counts and handles cut answers)."
+            f"before the callback sees them: raise max_length, or {USE_SFTKEY_TRAINER} (it counts and handles cut "
+            "answers)."
         )
+
+
+def _count_rows_as_trained(collator: KeyMarkingCollator, dataset: Any, rows: Any) -> KeyDataStats:
+    """The key counts of the rows as the collator will get them (``rows``: ``dataset`` as the data loader holds it),
+    refusing before the first step what cannot be marked there: a finder that reads a column packing or
+    ``remove_unused_columns`` took away, and conversations trained whole."""
+    boundary = turn_boundary(collator.tokenizer)
+    marked = []
+    for row in rows:
+        try:
+            marked.append(collator.mark_row(row))
+        except (KeyError, ValueError) as error:
+            if str(error).startswith("SFTKey"):  # the collator's own refusal: it says what to change
+                raise
+            raise ValueError(
+                f"SFTKeyCallback cannot mark the training rows: {error} The callback marks the rows the trainer "
+                f"prepared ({', '.join(rows.column_names)}); packing and remove_unused_columns=True leave out the "
+                f"record's other columns ({', '.join(dataset.column_names)} before the data loader), which a finder "
+                f"may read: set remove_unused_columns=False without packing, or {USE_SFTKEY_TRAINER}."
+            ) from error
+        if boundary and _trains_across_turns(row["input_ids"], marked[-1]["labels"], collator.tokenizer, boundary):
+            raise ValueError(
+                "SFTKeyCallback: the training rows train whole conversations (a user message and the assistant "
+                "message after it in one run), so it cannot tell each assistant message's answer apart: set "
+                "assistant_only_loss=True (with a chat template that has {% generation %} markers), or "
+                f"{USE_SFTKEY_TRAINER}."
+            )
+    return marked_rows_stats("train", marked)
+
+
+def turn_boundary(tokenizer: Any) -> str | None:
+    """The text the chat template puts between a user message and the assistant message after it (None without a
+    template, or where it is only whitespace)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    conversation = [{"role": "user", "content": "\x00U"}, {"role": "assistant", "content": "\x00A"}]
+    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False))
+    start, end = rendered.find("\x00U") + 2, rendered.find("\x00A")
+    return rendered[start:end] if 2 <= start <= end and rendered[start:end].strip() else None
+
+
+def _trains_across_turns(input_ids: Sequence[int], labels: Sequence[int], tokenizer: Any, boundary: str) -> bool:
+    """Whether a run of trained tokens holds the template's user-to-assistant boundary."""
+    return any(
+        boundary in tokenizer.decode(list(input_ids[start:end]), skip_special_tokens=False)
+        for start, end in trained_segments(labels)
+    )
 
 
 def adopt_stock_trainer(trainer: Any, callback: Any, train_dataloader: Any) -> None:
@@ -65,9 +119,9 @@ def adopt_stock_trainer(trainer: Any, callback: Any, train_dataloader: Any) -> N
     _refuse_unmarkable(trainer, arguments)
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     require_fast_tokenizer(tokenizer)
-    side = getattr(tokenizer, "padding_side", None) or "right"
-    collator = KeyMarkingCollator(trainer.data_collator, tokenizer, MarkingOptions.from_arguments(arguments), side)
-    stats = marked_rows_stats("train", map(collator.mark_row, trainer.train_dataset))
+    collator = KeyMarkingCollator(trainer.data_collator, tokenizer, MarkingOptions.from_arguments(arguments))
+    loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+    stats = _count_rows_as_trained(collator, trainer.train_dataset, loader.dataset)
     if stats.missing and arguments.sftkey_on_missing == "error":
         raise ValueError(
             f"SFTKey: {stats.missing} of {stats.examples} train rows have no key span. Fix the data, choose another "
@@ -79,7 +133,7 @@ def adopt_stock_trainer(trainer: Any, callback: Any, train_dataloader: Any) -> N
     trainer.data_collator = collator  # evaluation loaders are built later, from this
     # built already: set on the torch DataLoader that accelerate's wrapper delegates to (skip_first_batches, on
     # resume, copies it from there)
-    getattr(train_dataloader, "base_dataloader", train_dataloader).collate_fn = collator
+    loader.collate_fn = collator
     trainer._sftkey_setup(arguments, trainer.model)
     callback.data_stats = [stats]
     logger.info("SFTKey: SFTKeyCallback trains the stock %s with SFTKey's loss, schedule and metrics.", stock)

@@ -139,7 +139,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)  # type: ignore[misc]
         arguments = sftkey_arguments_from(args)
         validate_sftkey_arguments(arguments)
-        _reject_unsupported_arguments(args, args)
+        _reject_unsupported_arguments(args, arguments)
         if not isinstance(dataset, Dataset):
             raise ValueError("SFTKey needs a map-style datasets.Dataset (streaming/IterableDataset is not supported).")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
