@@ -166,6 +166,17 @@ def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataSt
     return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
 
 
+def missing_keys_error(stats: KeyDataStats, rows: list[int] | None = None) -> ValueError:
+    """The refusal of ``sftkey_on_missing='error'``: how many examples have no key span and why, how many had it cut
+    by truncation, the first such ``rows`` when known, and what to change."""
+    cut = f" and {stats.cut} had their answer cut by max_length" if stats.cut else ""
+    first = f" (first: rows {rows[:5]})" if rows else ""
+    return ValueError(
+        f"SFTKey: {stats.missing} of {stats.examples} {stats.name} examples have no key span{stats.missing_reasons()}"
+        f"{cut}{first}. Fix the data, choose another sftkey_finder, or set sftkey_on_missing to 'drop' or 'keep'."
+    )
+
+
 def check_key_share(stats: KeyDataStats, arguments: SFTKeyArguments, data_form: str, preview: str) -> None:
     """Refuse (``ValueError``) to train when too few examples keep a key span for the mode to mean anything.
 

@@ -18,7 +18,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from ..collator import SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin, main_process_first
-from ..stats import KeyDataStats, check_key_share, marked_rows_stats
+from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
 
 logger = logging.getLogger("sftkey_plugin")
@@ -60,10 +60,7 @@ def mark_count_and_apply_policy(
         )
     stats = dataset_stats(dataset, name)
     if stats.missing and arguments.sftkey_on_missing == "error":
-        raise ValueError(
-            f"SFTKey: {stats.missing} of {stats.examples} {name} examples have no key span. Fix the data, choose "
-            "another sftkey_finder, or set sftkey_on_missing: keep."
-        )
+        raise missing_keys_error(stats)
     if name == "train":  # before the first step
         check_key_share(stats, arguments, data_form(cfg), preview_command(cfg))
     stats.count_policy(arguments.sftkey_on_missing)

@@ -16,7 +16,7 @@ from typing import Any
 from ..collator import SFTKEY_MASK, KeyMarkingCollator
 from ..config import SFTKeyArguments, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
-from ..stats import KeyDataStats, check_key_share, marked_rows_stats
+from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import MarkingOptions, require_fast_tokenizer, trained_segments
 from .trainer import preview_command, reject_unsupported
 
@@ -123,10 +123,7 @@ def adopt_stock_trainer(trainer: Any, callback: Any, train_dataloader: Any) -> N
     loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
     stats = _count_rows_as_trained(collator, trainer.train_dataset, loader.dataset)
     if stats.missing and arguments.sftkey_on_missing == "error":
-        raise ValueError(
-            f"SFTKey: {stats.missing} of {stats.examples} train rows have no key span. Fix the data, choose another "
-            "sftkey_finder, or set sftkey_on_missing='keep'."
-        )
+        raise missing_keys_error(stats)
     check_key_share(stats, arguments, DATA_FORM, preview_command(trainer.processing_class, trainer.args, arguments))
     stock = type(trainer).__name__
     trainer.__class__ = sftkey_class_of(type(trainer))

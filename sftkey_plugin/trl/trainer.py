@@ -17,7 +17,7 @@ from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arg
 from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..loss import IGNORE_INDEX
 from ..masking import truncation_slice
-from ..stats import CUT, FOUND, KeyDataStats, check_key_share, key_status
+from ..stats import CUT, FOUND, KeyDataStats, check_key_share, key_status, missing_keys_error
 from ..tokenize import (
     MarkingOptions,
     describe_data_form,
@@ -253,11 +253,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
         bad = [i for i, status in enumerate(columns["sftkey_status"]) if status != FOUND]
         policy = arguments.sftkey_on_missing
         if bad and policy == "error":
-            raise ValueError(
-                f"SFTKey: {stats.missing} of {stats.examples} {dataset_name} examples have no key span and {stats.cut} "
-                f"had their answer cut by max_length (first: rows {bad[:5]}). Fix the data, choose another "
-                "sftkey_finder, or set sftkey_on_missing to 'drop' or 'keep'."
-            )
+            raise missing_keys_error(stats, bad)
         if bad and policy == "drop":
             stats.dropped = len(bad)
             dataset = dataset.filter(lambda status: status == FOUND, input_columns="sftkey_status", **map_kwargs)
