@@ -13,7 +13,8 @@ Evaluation never masks: ``eval_loss`` stays the loss of every completion token, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -40,27 +41,59 @@ T = TypeVar("T")
 
 
 def main_process_first(prepare: Callable[[], T]) -> T:
-    """``prepare()`` on the main process first, then on the others (which read its cached results), as TRL and
-    Axolotl prepare data. A refusal on any process is shared once all are past the barrier: every process stops with
-    the same message, none waits at a barrier for the launcher's timeout."""
+    """``prepare()`` on the main process first, then on the other main process of each node, then on the rest (which
+    read the cached results of those before them), as TRL prepares data. A failure on any process stops every
+    process, with its message, as soon as its turn is over: the later ones do not prepare, and none waits at a
+    barrier for the launcher's timeout.
+
+    Each turn ends with one exchange of failures between all processes. Inside ``prepare``, accelerate's own
+    ``main_process_first`` blocks (TRL opens them within ours) run as plain blocks: their barriers, paired across
+    processes by count, would be skipped by a process that raises inside one (``contextmanager`` does not run the
+    closing barrier on an exception) and then pair with a different collective elsewhere, which hangs both
+    processes. Ours already lets the main process go first, so they would order nothing more."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState()
-    failure: Exception | None = None
-    with state.main_process_first():
-        try:
-            result = prepare()
-        except Exception as error:  # raised after the barrier, on every process
-            failure = error
-    if state.num_processes > 1:
-        messages = gather_object([None if failure is None else str(failure)])
-        first = next((m for m in messages if m is not None), None)
-        if failure is None and first is not None:
-            raise ValueError(first)
-    if failure is not None:
-        raise failure
-    return result
+    if state.num_processes == 1:
+        return prepare()
+    turn = 0 if state.is_main_process else 1 if state.is_local_main_process else 2
+    result: T
+    for current in range(3):
+        failure = None
+        if current == turn:
+            try:
+                with _nested_main_first_inline():
+                    result = prepare()
+            except Exception as error:  # raised once every process knows of it
+                failure = error
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = gather_object([(state.process_index, message)])
+        failed = next(((index, text) for index, text in reports if text is not None), None)
+        if failure is not None:
+            raise failure
+        if failed is not None:
+            raise ValueError(f"process {failed[0]} failed preparing the data: {failed[1]}")
+    return result  # set in this process's turn (which raised otherwise)
+
+
+@contextmanager
+def _nested_main_first_inline() -> Iterator[None]:
+    """accelerate's ``main_process_first`` and ``local_main_process_first`` as plain blocks while this one is open."""
+    from accelerate import PartialState
+
+    saved = PartialState.main_process_first, PartialState.local_main_process_first
+    PartialState.main_process_first = PartialState.local_main_process_first = _plain_block  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PartialState.main_process_first, PartialState.local_main_process_first = saved  # type: ignore[method-assign]
+
+
+@contextmanager
+def _plain_block(_state: Any) -> Iterator[None]:
+    """A block that every process enters at once (a ``main_process_first`` without its barriers)."""
+    yield
 
 
 def per_token_values(

@@ -6,6 +6,7 @@ processes (gloo), saved to ``OUT_DIR/<mode>.pt``.
 after writing its stage-2 checkpoint, so the test can kill it with a real signal.
 ``torchrun ... rank0_log TINY_DIR OUT_DIR``: a run whose user callback logs on process 0 only.
 ``torchrun ... refuse TINY_DIR OUT_DIR``: a run refused while the main process prepares the data first.
+``torchrun ... bad_mask TINY_DIR OUT_DIR``: data TRL's own preparation fails on, inside its nested main_process_first.
 ``record_micro_batches`` and ``training_record`` also serve the Axolotl runs (``axolotl_recorder.py``).
 """
 
@@ -229,9 +230,31 @@ def main_refuse(tiny_dir: str, out_dir: str) -> None:
     trainer_for(tiny_dir, records, out_dir, sftkey=True, sftkey_on_missing="error", per_device_train_batch_size=2)
 
 
+BAD_MASK_ERROR = "object is not iterable"  # TRL's build_labels zips the token ids with each mask
+
+
+def main_bad_mask(tiny_dir: str, out_dir: str) -> None:
+    """Pre-tokenised rows, one with an ``assistant_masks`` of None: TRL's own label building raises on it, inside
+    the ``main_process_first`` TRL opens within SFTKey's (our preparation before it succeeds)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    records = []
+    for index, record in enumerate(arithmetic_records(8, seed=23, form="text")):
+        input_ids = tokenizer(record["text"])["input_ids"]
+        records.append({"input_ids": input_ids, "assistant_masks": None if index == 5 else [1] * len(input_ids)})
+    trainer_for(tiny_dir, records, out_dir, sftkey=True, per_device_train_batch_size=2)
+
+
 if __name__ == "__main__":
     process_exit.install()
     command, *arguments = sys.argv[1:]
-    commands = {"modes": main_modes, "interrupt": main_interrupt, "rank0_log": main_rank0_log, "refuse": main_refuse}
+    commands = {
+        "modes": main_modes,
+        "interrupt": main_interrupt,
+        "rank0_log": main_rank0_log,
+        "refuse": main_refuse,
+        "bad_mask": main_bad_mask,
+    }
     commands[command](*arguments)
     process_exit.end_process_group()
