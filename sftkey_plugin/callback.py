@@ -9,9 +9,19 @@ from types import FrameType
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import has_length
 
 from .config import SFTKeyArguments, mode_weights, parse_phases
-from .schedule import STAGE_KEY_ONLY, Phase, PhasePoint, PhaseSchedule, describe, stage2_start_step, unreached_phases
+from .schedule import (
+    STAGE_KEY_ONLY,
+    Phase,
+    PhasePoint,
+    PhaseSchedule,
+    describe,
+    epoch_after,
+    stage2_start_step,
+    unreached_phases,
+)
 from .stats import KeyDataStats
 
 logger = logging.getLogger("sftkey_plugin")
@@ -137,13 +147,42 @@ class SFTKeyCallback(TrainerCallback):
                 self.arguments.sftkey_mode,
                 describe(schedule, state.max_steps, state.num_train_epochs),
             )
-            for phase in unreached_phases(schedule, state.max_steps):
-                logger.warning(
-                    "SFTKey: phase %d starts at step %d, after the last step: it never runs.",
-                    phase,
-                    schedule.phases[phase - 1].start + 1,
-                )
+            self._warn_unreached(schedule, state, args.gradient_accumulation_steps, kwargs.get("train_dataloader"))
         return control
+
+    def _warn_unreached(
+        self, schedule: PhaseSchedule, state: TrainerState, accumulation: int, train_dataloader: Any
+    ) -> None:
+        """Warn of each phase that starts after the last optimizer step has begun, naming the setting to change."""
+        # the trainer's own count of batches per epoch: without a length it counts the whole run as one epoch
+        batches = len(train_dataloader) if has_length(train_dataloader) else state.max_steps * accumulation
+        last_step_epoch = epoch_after(state.max_steps - 1, batches, accumulation)
+        for phase in unreached_phases(schedule, state.max_steps, last_step_epoch):
+            name = "stage 2" if self.arguments.sftkey_mode == "two_stage" else f"phase {phase}"
+            start = schedule.phases[phase - 1].start
+            if schedule.in_epochs:
+                when = (
+                    f"once {start:g} epochs are done, but the last optimizer step begins after "
+                    f"{last_step_epoch:g} epochs"
+                )
+            else:
+                when = f"at optimizer step {int(start) + 1}, but the run has {state.max_steps}"
+            logger.warning(
+                "SFTKey: %s starts %s: it never runs. Set it to start earlier (%s) or train longer (num_train_epochs, "
+                "max_steps).",
+                name,
+                when,
+                self._start_setting(),
+            )
+
+    def _start_setting(self) -> str:
+        """Where the phase starts were set: the config key, or this callback's argument that overrides it."""
+        if self.arguments.sftkey_mode == "phases":
+            return "sftkey_phases"
+        steps, _, epoch = self._stage2_start()
+        unit = "steps" if steps is not None else "epoch" if epoch is not None else "ratio"
+        overridden = any(value is not None for value in self.overrides)
+        return f"SFTKeyCallback(stage2_{unit}=...)" if overridden else f"sftkey_stage2_{unit}"
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._step_stage = self.stage(state)

@@ -118,8 +118,18 @@ def describe(schedule: PhaseSchedule, max_steps: int, num_train_epochs: float) -
     return ("; then linearly to " if schedule.linear else "; ").join(parts)
 
 
-def unreached_phases(schedule: PhaseSchedule, max_steps: int) -> list[int]:
-    """The (1-based) phases that start after the last optimizer step of a step-counted schedule."""
+def epoch_after(steps: int, batches_per_epoch: int, accumulation: int) -> float:
+    """The trainer's epoch counter (``state.epoch``) after ``steps`` optimizer steps, as transformers counts it: each
+    epoch has ``batches_per_epoch`` batches, ``accumulation`` to a step, its last step taking the batches left."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    epochs, within = divmod(steps, steps_per_epoch)
+    return epochs + min(within * accumulation, batches_per_epoch) / batches_per_epoch
+
+
+def unreached_phases(schedule: PhaseSchedule, max_steps: int, last_step_epoch: float) -> list[int]:
+    """The (1-based) phases that start after the last optimizer step has begun: at step ``max_steps`` or later, or
+    in an epoch schedule past ``last_step_epoch``, the epoch counter when the last step begins (``epoch_after(
+    max_steps - 1, ...)``; with ``max_steps`` set that can be before ``num_train_epochs``)."""
     if schedule.in_epochs:
-        return []
+        return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start > round(last_step_epoch, 6)]
     return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start >= max_steps]

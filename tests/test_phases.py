@@ -4,6 +4,7 @@ computed by hand, through the real ``SFTKeyTrainer`` (both environments)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from transformers import HfArgumentParser, TrainerCallback
 from sftkey_plugin import SFTKeyConfig
 from sftkey_plugin.config import SFTKeyArguments, validate_sftkey_arguments, weighs_tokens
 from sftkey_plugin.examples import arithmetic_records
-from sftkey_plugin.schedule import Phase, PhaseSchedule
+from sftkey_plugin.schedule import Phase, PhaseSchedule, epoch_after, unreached_phases
 
 # run in every test environment, on its trl (the Axolotl stacks pin 1.9 and 1.14.1): scripts/test.sh
 pytestmark = pytest.mark.stack
@@ -58,6 +59,33 @@ def test_epoch_schedule_reads_the_epoch_counter():
     assert [schedule.stage(step, epoch) for step, epoch in [(3, 0.75), (4, 0.9999999), (4, 1.0), (7, 1.75)]] == [
         1, 2, 2, 2,
     ]  # fmt: skip
+
+
+def test_epoch_after_counts_as_the_trainer_does():
+    """5 batches an epoch, 2 to a step: 3 steps an epoch, the third taking the fifth batch alone."""
+    assert [epoch_after(steps, 5, 2) for steps in range(7)] == [0, 0.4, 0.8, 1, 1.4, 1.8, 2]
+    assert [epoch_after(steps, 4, 1) for steps in range(5)] == [0, 0.25, 0.5, 0.75, 1]
+
+
+@pytest.mark.parametrize(
+    ("start", "max_steps", "unreached"),
+    [
+        (1, 8, []),  # 2 epochs of 4 steps: starts with step 5
+        (1.75, 8, []),  # with step 8, the last
+        (1.8, 8, [2]),
+        (2, 8, [2]),  # after the last epoch
+        (1.25, 6, []),  # max_steps 6 ends the run inside the second epoch: step 6 begins after 1.25 epochs
+        (1.5, 6, [2]),
+    ],
+)
+def test_an_epoch_start_after_the_last_step_is_unreached(start, max_steps, unreached):
+    schedule = PhaseSchedule((Phase(0, 1, 1), Phase(start, 1, 0)), in_epochs=True)
+    assert unreached_phases(schedule, max_steps, epoch_after(max_steps - 1, 4, 1)) == unreached
+
+
+def test_a_step_start_after_the_last_step_is_unreached():
+    schedule = PhaseSchedule((Phase(0, 1, 1), Phase(4, 1, 0.1), Phase(6, 1, 0)))
+    assert [unreached_phases(schedule, max_steps, 0.0) for max_steps in (5, 6, 7)] == [[3], [3], []]
 
 
 @pytest.mark.parametrize(
@@ -250,6 +278,38 @@ def test_linear_phases_resume_to_the_same_run(tiny_dir, tmp_path):
     assert logged(resumed, "sftkey/key_weight") == logged(full, "sftkey/key_weight")
     assert logged(resumed, "sftkey/other_weight") == logged(full, "sftkey/other_weight")
     assert losses(resumed) == pytest.approx(losses(full), rel=GRAD_RTOL)
+
+
+@pytest.mark.parametrize(
+    ("values", "warning"),
+    [
+        ({"sftkey_stage2_epoch": 2, "num_train_epochs": 2, "max_steps": -1},
+         "SFTKey: stage 2 starts once 2 epochs are done, but the last optimizer step begins after 1.75 epochs: it "
+         "never runs. Set it to start earlier (sftkey_stage2_epoch) or train longer (num_train_epochs, max_steps)."),
+        ({"sftkey_mode": "phases", "sftkey_phase_unit": "epoch", "sftkey_phases": phases((0, 1, 1), (1, 1, 0.5),
+          (2, 1, 0)), "num_train_epochs": 3, "max_steps": 6, **PER_TOKEN},
+         "SFTKey: phase 3 starts once 2 epochs are done, but the last optimizer step begins after 1.25 epochs: it "
+         "never runs. Set it to start earlier (sftkey_phases) or train longer (num_train_epochs, max_steps)."),
+        ({"sftkey_stage2_steps": 2, "max_steps": 2},
+         "SFTKey: stage 2 starts at optimizer step 3, but the run has 2: it never runs. Set it to start earlier "
+         "(sftkey_stage2_steps) or train longer (num_train_epochs, max_steps)."),
+    ],
+    ids=["stage2_epoch", "epoch_phases_cut_by_max_steps", "stage2_steps"],
+)  # fmt: skip
+def test_a_phase_that_starts_after_the_last_step_is_warned_of(tiny_dir, tmp_path, caplog, values, warning):
+    """16 rows of 4: 4 optimizer steps an epoch. The run trains, and the log says which phase never runs and why."""
+    records = arithmetic_records(16, seed=4, form="prompt_completion")
+    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, **values)
+    logger = logging.getLogger("sftkey_plugin")
+    logger.addHandler(caplog.handler)  # directly: once the Axolotl plugin has run, this logger does not propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger="sftkey_plugin"):
+            trainer.train()
+    finally:
+        logger.removeHandler(caplog.handler)
+    # a set: with Axolotl's log routing installed by an earlier test, each record shows twice
+    assert {r.getMessage() for r in caplog.records if "never runs" in r.getMessage()} == {warning}
+    assert set(logged(trainer, "sftkey/stage")) == {1}
 
 
 def test_a_stage_two_callback_override_is_refused_with_phases(tiny_dir, tmp_path):
