@@ -1,8 +1,9 @@
 """Exercise the installed sftkey-plugin wheel; run by scripts/check_wheel.sh with ``python -I`` from an empty folder.
 
 Fails (exit 1, via AssertionError) unless the package comes from the installed wheel, its version is the metadata's,
-it carries the licence text its metadata declares, every public name imports, every entry point resolves, and the
-``sftkey`` command and its subcommands run.
+it carries the licence text its metadata declares, every public name imports, its entry points are exactly those
+pyproject.toml declares (group, name and target: a build that drops one fails) and each resolves, and the ``sftkey``
+command and its subcommands run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ import sysconfig
 import time
 from pathlib import Path
 
+import tomllib  # standard library from Python 3.11 (the wheel environment's); ruff's py310 target sorts it apart
+
 DIST = "sftkey-plugin"
 # The TRL extra is installed; Axolotl is not (4 GB): its entry points are checked without importing axolotl
 OPTIONAL_FRAMEWORKS = {"axolotl"}
+# The groups users rely on: the command, the built-in finders, `axolotl sftkey-preview`, and Axolotl >= 0.21 loading
+# the plugin for `sftkey: true` alone; pyproject.toml must keep declaring them
+RELIED_ON_GROUPS = {"console_scripts", "sftkey_plugin.finders", "axolotl.cli_commands", "axolotl.plugins"}
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def check_installed_from_wheel(dist_dir: Path) -> metadata.Distribution:
@@ -96,11 +103,20 @@ def check_entry_point(dist: metadata.Distribution, entry_point: metadata.EntryPo
     return f"defined in {path.name} (not imported: needs {missing})"
 
 
-def check_entry_points(dist: metadata.Distribution) -> dict[str, str]:
-    """Every entry point the wheel declares resolves; the groups users rely on are there."""
-    groups = {entry_point.group for entry_point in dist.entry_points}
-    expected = {"console_scripts", "sftkey_plugin.finders", "axolotl.cli_commands"}
-    assert expected <= groups, groups
+def declared_entry_points(pyproject: Path) -> set[tuple[str, str, str]]:
+    """``(group, name, target)`` of every entry point pyproject.toml declares, its ``[project.scripts]`` included."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    groups = {"console_scripts": project.get("scripts", {}), "gui_scripts": project.get("gui-scripts", {})}
+    groups.update(project.get("entry-points", {}))
+    return {(group, name, target) for group, points in groups.items() for name, target in points.items()}
+
+
+def check_entry_points(dist: metadata.Distribution, declared: set[tuple[str, str, str]]) -> dict[str, str]:
+    """The installed metadata's entry points are exactly the declared ones, among them the groups users rely on, and
+    every one resolves."""
+    assert {group for group, _, _ in declared} >= RELIED_ON_GROUPS, declared
+    installed = {(entry_point.group, entry_point.name, entry_point.value) for entry_point in dist.entry_points}
+    assert installed == declared, {"missing from the wheel": declared - installed, "not declared": installed - declared}
     return {f"{ep.group}: {ep.name} = {ep.value}": check_entry_point(dist, ep) for ep in dist.entry_points}
 
 
@@ -149,12 +165,14 @@ def check_demo(output_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dist", type=Path, required=True, help="the folder holding the built wheel")
-    dist_dir = parser.parse_args().dist
+    parser.add_argument("--pyproject", type=Path, default=PYPROJECT, help="what declares the entry points")
+    options = parser.parse_args()
+    dist_dir = options.dist
     dist = check_installed_from_wheel(dist_dir)
     print(f"installed from the wheel: {DIST} {dist.version}")
     print(f"licence: {check_license(dist)}")
     print(f"public names import: {', '.join(check_public_names())}")
-    for entry_point, how in check_entry_points(dist).items():
+    for entry_point, how in check_entry_points(dist, declared_entry_points(options.pyproject)).items():
         print(f"entry point {entry_point}: {how}")
     check_finders_come_from_the_entry_point()
     print("finders: registered through the installed entry point")
