@@ -364,11 +364,19 @@ def _subprocess_env(**extra: str) -> dict:
     return {**_env(), **subprocess_env(), "PATH": path, **extra}
 
 
-def _train(command: list[str], workdir, processes: int = 1) -> None:
-    """Run an Axolotl training command to completion, every process exiting cleanly (a hang fails after 300 s)."""
+def _train(command: list[str], workdir, processes: int = 1) -> str:
+    """Run an Axolotl training command to completion, every process exiting cleanly (a hang fails after 300 s); its
+    output."""
     from process_exit import run_processes
 
-    run_processes(command, processes, cwd=workdir["root"], env=_subprocess_env(), timeout=300)
+    done = run_processes(command, processes, cwd=workdir["root"], env=_subprocess_env(), timeout=300)
+    return done.stdout + done.stderr
+
+
+def _torchrun(config: Path, processes: int) -> list[str]:
+    """``axolotl train`` of ``config`` on ``processes`` CPU processes."""
+    command = [str(Path(sys.executable).parent / "axolotl"), "train", str(config), "--launcher", "torchrun", "--"]
+    return [*command, "--standalone", "--nproc_per_node", str(processes)]
 
 
 def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
@@ -390,9 +398,7 @@ def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> di
             **overrides,
         },
     )
-    command = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "torchrun", "--"]
-    command += ["--standalone", "--nproc_per_node", str(processes)]
-    _train(command, workdir, processes)
+    _train(_torchrun(path, processes), workdir, processes)
     return {rank: torch.load(Path(config["output_dir"]) / f"record-rank{rank}.pt") for rank in range(processes)}
 
 
@@ -578,6 +584,15 @@ def drop_data(workdir) -> dict[str, str]:
     return files
 
 
+def steps_of_the_epoch(output_dir: str) -> dict:
+    """The steps a run trained (its one checkpoint, at the end of its epoch) and planned (``max_steps``)."""
+    (checkpoint,) = Path(output_dir).glob("checkpoint-*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    steps = len([entry for entry in state["log_history"] if "loss" in entry])
+    assert steps == state["global_step"] == int(checkpoint.name.split("-")[1])
+    return {"steps": steps, "max_steps": state["max_steps"]}
+
+
 def trained_steps(workdir, name: str, data: str, overrides: dict) -> dict:
     """Run ``axolotl train`` on ``data`` to the end of its epoch: the steps it trained and planned, and its output."""
     config = _config(workdir, name, {**DROP_RUN, **overrides})
@@ -588,11 +603,7 @@ def trained_steps(workdir, name: str, data: str, overrides: dict) -> dict:
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
-    (checkpoint,) = Path(config["output_dir"]).glob("checkpoint-*")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    steps = len([entry for entry in state["log_history"] if "loss" in entry])
-    assert steps == state["global_step"] == int(checkpoint.name.split("-")[1])
-    return {"steps": steps, "max_steps": state["max_steps"], "output": output}
+    return {**steps_of_the_epoch(config["output_dir"]), "output": output}
 
 
 @pytest.fixture(scope="module")
@@ -628,6 +639,28 @@ def test_drop_trains_the_steps_of_a_file_without_the_dropped_rows(workdir, drop_
     assert "SFTKey: dropped 48 of 96 train examples without a key span" in dropped["output"]
     assert dropped["steps"] == dropped["max_steps"] == clean["steps"] == clean["max_steps"]
     assert clean["steps"] >= 6  # several steps, which the 48 dropped rows would have doubled
+
+
+@pytest.mark.multiprocess
+def test_drop_on_two_processes_trains_the_steps_of_a_file_without_the_dropped_rows(workdir, drop_data):
+    """The same with ``sample_packing`` on 2 processes (full fine-tuning; one prepared-data folder): the main process
+    marks and drops first, then the other, which writes the filter's cache file beside the prepared dataset it loaded;
+    both count the kept rows' steps (Axolotl gathers the packing efficiency over the processes) as for the file
+    without the dropped rows, and every process exits cleanly."""
+    runs = {}
+    for name, on_missing in (("mixed", "drop"), ("clean", "keep")):
+        overrides = {**DROP_RUN, **DROP_PACKED, "sftkey_on_missing": on_missing,
+                     "plugins": ["axolotl_recorder.CleanExitPlugin", PLUGIN],
+                     "datasets": [{"path": drop_data[name], "ds_type": "json", "type": "chat_template"}]}  # fmt: skip
+        path, config = _full_finetune_config(workdir, f"drop_2proc_{name}", overrides)
+        output = _train(_torchrun(path, 2), workdir, processes=2)
+        runs[name] = {**steps_of_the_epoch(config["output_dir"]), "output": output}
+    (dataset,) = [p.parent for p in Path(workdir["root"], "prepared_drop_2proc_mixed").glob("sftkey-*/*/state.json")]
+    assert list(dataset.glob("cache-*.arrow")), "the filter's cache beside the shared prepared dataset"
+    print(f"\nAxolotl drop on 2 processes: {runs['mixed']['steps']} steps; without the rows: {runs['clean']['steps']}")
+    assert runs["mixed"]["output"].count("SFTKey: dropped 48 of 96 train examples without a key span") == 2
+    assert runs["mixed"]["steps"] == runs["mixed"]["max_steps"] == runs["clean"]["steps"] == runs["clean"]["max_steps"]
+    assert runs["clean"]["steps"] >= 3
 
 
 # ---- in-process: config loading, strategy, validators, preview ----------------------------------------------

@@ -138,8 +138,10 @@ class SFTKeyPlugin(BasePlugin):
             return train, evaluation, counts
 
         init_distributed_state()  # the process group as Axolotl sets it up (its timeout), if this run has several
-        # As Axolotl prepares data: the main process first, the others then read the map and filter results it
-        # cached beside the prepared dataset (and a refusal stops every process, none left at a barrier).
+        # As Axolotl and TRL prepare data: the main process first, then the others (a refusal stops every process,
+        # none is left at a barrier). What this writes is datasets' cache of the filter (and of the marking map for
+        # non-chat types) beside a prepared dataset loaded from disk: a temporary file renamed, so the processes
+        # that follow may write the same one at once. The step count below gathers over the processes: not in here.
         train, evaluation, counts = main_process_first(mark_and_drop)
         cfg[PRE_DROP_STATS] = counts
         if not counts["train"].dropped:
