@@ -9,7 +9,6 @@ from types import FrameType
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import has_length
 
 from .config import SFTKeyArguments, mode_weights, parse_phases
 from .schedule import (
@@ -63,6 +62,8 @@ class SFTKeyCallback(TrainerCallback):
         self.schedule: PhaseSchedule | None = None
         self.data_stats: list[KeyDataStats] = []
         self._step_stage: int | None = None  # the stage of the optimizer step in progress
+        # the batches of an epoch as the trainer counts them, set by the SFTKey trainers when training begins
+        self.batches_per_epoch: int | None = None
         self.bound = False  # set by the SFTKey trainer that adopts this callback
 
     def _stage2_start(self) -> tuple[int | None, float, float | None]:
@@ -147,26 +148,28 @@ class SFTKeyCallback(TrainerCallback):
                 self.arguments.sftkey_mode,
                 describe(schedule, state.max_steps, state.num_train_epochs),
             )
-            self._warn_unreached(schedule, state, args.gradient_accumulation_steps, kwargs.get("train_dataloader"))
+            self._warn_unreached(schedule, state, args.gradient_accumulation_steps)
         return control
 
-    def _warn_unreached(
-        self, schedule: PhaseSchedule, state: TrainerState, accumulation: int, train_dataloader: Any
-    ) -> None:
+    def _warn_unreached(self, schedule: PhaseSchedule, state: TrainerState, accumulation: int) -> None:
         """Warn of each phase that starts after the last optimizer step has begun, naming the setting to change."""
-        # the trainer's own count of batches per epoch: without a length it counts the whole run as one epoch
-        batches = len(train_dataloader) if has_length(train_dataloader) else state.max_steps * accumulation
-        last_step_epoch = epoch_after(state.max_steps - 1, batches, accumulation)
-        for phase in unreached_phases(schedule, state.max_steps, last_step_epoch):
+        # the trainer's own count, not len(train_dataloader): Axolotl's packing sampler repacks, drawing from the
+        # global RNG, on each len(); without it (a stock SFTTrainer) only the planned epochs are known
+        last_step_epoch = None
+        if self.batches_per_epoch:
+            last_step_epoch = epoch_after(state.max_steps - 1, self.batches_per_epoch, accumulation)
+        for phase in unreached_phases(schedule, state.max_steps, state.num_train_epochs, last_step_epoch):
             name = "stage 2" if self.arguments.sftkey_mode == "two_stage" else f"phase {phase}"
             start = schedule.phases[phase - 1].start
-            if schedule.in_epochs:
+            if not schedule.in_epochs:
+                when = f"at optimizer step {int(start) + 1}, but the run has {state.max_steps}"
+            elif last_step_epoch is None:
+                when = f"once {start:g} epochs are done, but the run trains {state.num_train_epochs:g}"
+            else:
                 when = (
                     f"once {start:g} epochs are done, but the last optimizer step begins after "
                     f"{last_step_epoch:g} epochs"
                 )
-            else:
-                when = f"at optimizer step {int(start) + 1}, but the run has {state.max_steps}"
             logger.warning(
                 "SFTKey: %s starts %s: it never runs. Set it to start earlier (%s) or train longer (num_train_epochs, "
                 "max_steps).",

@@ -155,6 +155,12 @@ class SFTKeyLossMixin:
         self._sftkey_capturing = False
         forward_module.register_forward_hook(self._sftkey_capture)
 
+    def set_initial_training_values(self, *args: Any, **kwargs: Any) -> Any:
+        values = super().set_initial_training_values(*args, **kwargs)  # type: ignore[misc]
+        if self._sftkey_active:  # its steps_in_epoch, which the schedule's warnings count epochs with
+            self.sftkey_callback.batches_per_epoch = values[5]
+        return values
+
     def _sftkey_capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self._sftkey_capturing:
             self._sftkey_outputs = output

@@ -126,10 +126,15 @@ def epoch_after(steps: int, batches_per_epoch: int, accumulation: int) -> float:
     return epochs + min(within * accumulation, batches_per_epoch) / batches_per_epoch
 
 
-def unreached_phases(schedule: PhaseSchedule, max_steps: int, last_step_epoch: float) -> list[int]:
-    """The (1-based) phases that start after the last optimizer step has begun: at step ``max_steps`` or later, or
-    in an epoch schedule past ``last_step_epoch``, the epoch counter when the last step begins (``epoch_after(
-    max_steps - 1, ...)``; with ``max_steps`` set that can be before ``num_train_epochs``)."""
-    if schedule.in_epochs:
-        return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start > round(last_step_epoch, 6)]
-    return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start >= max_steps]
+def unreached_phases(
+    schedule: PhaseSchedule, max_steps: int, num_train_epochs: float, last_step_epoch: float | None
+) -> list[int]:
+    """The (1-based) phases that start after the last optimizer step has begun: at step ``max_steps`` or later, or in
+    an epoch schedule past ``last_step_epoch``, the epoch counter when the last step begins (``epoch_after(max_steps -
+    1, ...)``: below ``num_train_epochs`` where ``max_steps`` ends the run first); where that is not known, at
+    ``num_train_epochs`` (the epochs the trainer begins) or later."""
+    if not schedule.in_epochs:
+        return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start >= max_steps]
+    if last_step_epoch is None:
+        return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start >= num_train_epochs]
+    return [index + 1 for index, phase in enumerate(schedule.phases) if phase.start > round(last_step_epoch, 6)]

@@ -80,12 +80,19 @@ def test_epoch_after_counts_as_the_trainer_does():
 )
 def test_an_epoch_start_after_the_last_step_is_unreached(start, max_steps, unreached):
     schedule = PhaseSchedule((Phase(0, 1, 1), Phase(start, 1, 0)), in_epochs=True)
-    assert unreached_phases(schedule, max_steps, epoch_after(max_steps - 1, 4, 1)) == unreached
+    assert unreached_phases(schedule, max_steps, 2, epoch_after(max_steps - 1, 4, 1)) == unreached
+
+
+def test_without_the_batches_per_epoch_an_epoch_start_is_checked_against_the_epochs_begun():
+    """A stock SFTTrainer tells the callback no batches per epoch: a start inside the last epoch passes unwarned."""
+    starts = (1.8, 2, 3)
+    schedules = [PhaseSchedule((Phase(0, 1, 1), Phase(start, 1, 0)), in_epochs=True) for start in starts]
+    assert [unreached_phases(schedule, 8, 2, None) for schedule in schedules] == [[], [2], [2]]
 
 
 def test_a_step_start_after_the_last_step_is_unreached():
     schedule = PhaseSchedule((Phase(0, 1, 1), Phase(4, 1, 0.1), Phase(6, 1, 0)))
-    assert [unreached_phases(schedule, max_steps, 0.0) for max_steps in (5, 6, 7)] == [[3], [3], []]
+    assert [unreached_phases(schedule, max_steps, 1, None) for max_steps in (5, 6, 7)] == [[3], [3], []]
 
 
 @pytest.mark.parametrize(
@@ -287,19 +294,29 @@ def test_linear_phases_resume_to_the_same_run(tiny_dir, tmp_path):
          "SFTKey: stage 2 starts once 2 epochs are done, but the last optimizer step begins after 1.75 epochs: it "
          "never runs. Set it to start earlier (sftkey_stage2_epoch) or train longer (num_train_epochs, max_steps)."),
         ({"sftkey_mode": "phases", "sftkey_phase_unit": "epoch", "sftkey_phases": phases((0, 1, 1), (1, 1, 0.5),
-          (2, 1, 0)), "num_train_epochs": 3, "max_steps": 6, **PER_TOKEN},
-         "SFTKey: phase 3 starts once 2 epochs are done, but the last optimizer step begins after 1.25 epochs: it "
+          (1.5, 1, 0)), "num_train_epochs": 3, "max_steps": 6, **PER_TOKEN},
+         "SFTKey: phase 3 starts once 1.5 epochs are done, but the last optimizer step begins after 1.25 epochs: it "
          "never runs. Set it to start earlier (sftkey_phases) or train longer (num_train_epochs, max_steps)."),
         ({"sftkey_stage2_steps": 2, "max_steps": 2},
          "SFTKey: stage 2 starts at optimizer step 3, but the run has 2: it never runs. Set it to start earlier "
          "(sftkey_stage2_steps) or train longer (num_train_epochs, max_steps)."),
+        ({"stock": SFTKeyArguments(sftkey=True, sftkey_stage2_epoch=2), "num_train_epochs": 2, "max_steps": -1},
+         "SFTKey: stage 2 starts once 2 epochs are done, but the run trains 2: it never runs. Set it to start earlier "
+         "(sftkey_stage2_epoch) or train longer (num_train_epochs, max_steps)."),
     ],
-    ids=["stage2_epoch", "epoch_phases_cut_by_max_steps", "stage2_steps"],
+    ids=["stage2_epoch", "epoch_phases_cut_by_max_steps", "stage2_steps", "callback_on_stock_trainer"],
 )  # fmt: skip
 def test_a_phase_that_starts_after_the_last_step_is_warned_of(tiny_dir, tmp_path, caplog, values, warning):
-    """16 rows of 4: 4 optimizer steps an epoch. The run trains, and the log says which phase never runs and why."""
+    """16 rows of 4: 4 optimizer steps an epoch. The run trains, and the log says which phase never runs and why.
+    ``stock``: an ``SFTKeyCallback`` with these arguments on a stock ``trl.SFTTrainer``."""
+    from sftkey_plugin import SFTKeyCallback
+
     records = arithmetic_records(16, seed=4, form="prompt_completion")
-    trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, **values)
+    stock, values = values.get("stock"), {key: value for key, value in values.items() if key != "stock"}
+    if stock is None:
+        trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, **values)
+    else:
+        trainer = trainer_for(tiny_dir, records, tmp_path, trl.SFTTrainer, callbacks=[SFTKeyCallback(stock)], **values)
     logger = logging.getLogger("sftkey_plugin")
     logger.addHandler(caplog.handler)  # directly: once the Axolotl plugin has run, this logger does not propagate
     try:
