@@ -24,6 +24,9 @@ CORPUS = Path(__file__).with_name("answer_endings.jsonl")
 RECALL_FLOOR = 0.85  # docs/data.md states the measured figure
 NO_KEY = ("ambiguous", "none")
 
+# framework-free, and cheap: run in every environment (scripts/test.sh selects "stack" in the Axolotl ones)
+pytestmark = pytest.mark.stack
+
 
 def _rows() -> list[dict[str, Any]]:
     return [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
