@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import types
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftkey_plugin import SFTKeyArguments, SFTKeyCallback, SFTKeyTrainer, hookimpl
 from sftkey_plugin.hookspecs import get_plugin_manager, registered_finders
+from sftkey_plugin.trl.adopt import _turn_boundary
 
 pytestmark = pytest.mark.stack
 
@@ -279,3 +281,25 @@ def test_callback_refuses_conversations_trained_whole(tiny_dir: str, tmp_path: A
     with pytest.raises(ValueError, match=r"train whole conversations.*assistant_only_loss=True.*SFTKeyTrainer"):
         stock.train()
     assert stock.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "template", sorted(path.stem for path in (Path(__file__).parent / "templates").glob("*.jinja"))
+)
+def test_the_turn_boundary_is_found_in_conversations_rendered_whole(tiny_dir: str, template: str) -> None:
+    """The user-to-assistant boundary the callback looks for in a trained run appears at every assistant turn of
+    a real template's rendering, also where the template adds a thinking block to the last turn only (Qwen3)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = (Path(__file__).parent / "templates" / f"{template}.jinja").read_text()
+    boundary = _turn_boundary(tokenizer)
+    if template == "llama3":  # it needs a bos_token, which the tiny tokenizer has not: no plain conversation renders
+        assert boundary is None
+        return
+    conversation = [
+        {"role": "user", "content": "What is 3 + 4?"},
+        {"role": "assistant", "content": "<think>3 plus 4</think>The answer is 7."},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "<think>2 plus 2</think>The answer is 4."},
+    ]
+    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False))
+    assert boundary and rendered.count(boundary) == 2, (boundary, rendered)

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from ..collator import SFTKEY_MASK, KeyMarkingCollator
 from ..config import SFTKeyArguments, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
@@ -67,7 +69,7 @@ def _count_rows_as_trained(collator: KeyMarkingCollator, dataset: Any, rows: Any
     """The key counts of the rows as the collator will get them (``rows``: ``dataset`` as the data loader holds it),
     refusing before the first step what cannot be marked there: a finder that reads a column packing or
     ``remove_unused_columns`` took away, and conversations trained whole."""
-    boundary = turn_boundary(collator.tokenizer)
+    boundary = _turn_boundary(collator.tokenizer)
     marked = []
     for row in rows:
         try:
@@ -91,15 +93,33 @@ def _count_rows_as_trained(collator: KeyMarkingCollator, dataset: Any, rows: Any
     return marked_rows_stats("train", marked)
 
 
-def turn_boundary(tokenizer: Any) -> str | None:
+def _turn_boundary(tokenizer: Any) -> str | None:
     """The text the chat template puts between a user message and the assistant message after it (None without a
-    template, or where it is only whitespace)."""
+    template, or where it is only whitespace): the part shared by a first turn and a last one, as templates such as
+    Qwen3's add an empty thinking block to the last assistant message only."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    conversation = [{"role": "user", "content": "\x00U"}, {"role": "assistant", "content": "\x00A"}]
-    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False))
-    start, end = rendered.find("\x00U") + 2, rendered.find("\x00A")
-    return rendered[start:end] if 2 <= start <= end and rendered[start:end].strip() else None
+    boundaries = []
+    for turns in (1, 2):
+        conversation = [
+            message
+            for turn in range(turns)
+            for message in (
+                {"role": "user", "content": f"\x00U{turn}"},
+                {"role": "assistant", "content": f"\x00A{turn}"},
+            )
+        ]
+        try:
+            rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False))
+        except TemplateError:  # it renders no plain conversation, so the rows were not conversations it rendered
+            return None
+        start, end = rendered.find("\x00U0") + 3, rendered.find("\x00A0")
+        if not 3 <= start <= end:
+            return None
+        boundaries.append(rendered[start:end])
+    first, last = boundaries
+    shared = next((first[:i] for i, (a, b) in enumerate(zip(first, last)) if a != b), first[: len(last)])
+    return shared if shared.strip() else None
 
 
 def _trains_across_turns(input_ids: Sequence[int], labels: Sequence[int], tokenizer: Any, boundary: str) -> bool:
