@@ -157,8 +157,11 @@ class SFTKeyLossMixin:
 
     def set_initial_training_values(self, *args: Any, **kwargs: Any) -> Any:
         values = super().set_initial_training_values(*args, **kwargs)  # type: ignore[misc]
-        if self._sftkey_active:  # its steps_in_epoch, which the schedule's warnings count epochs with
-            self.sftkey_callback.batches_per_epoch = values[5]
+        # transformers 5.16-5.25 return (epochs, updates per epoch, examples, samples, total batch size,
+        # steps_in_epoch, max_steps): unpacked, so another shape fails here instead of reading a wrong value
+        _, _, _, _, _, steps_in_epoch, _ = values
+        if self._sftkey_active:  # the batches per epoch the schedule's warnings count epochs with
+            self.sftkey_callback.batches_per_epoch = steps_in_epoch
         return values
 
     def _sftkey_capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
