@@ -148,7 +148,9 @@ def check_commands(version: str) -> list[str]:
     assert sftkey("--version").strip() == f"sftkey {version}"
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name in subparsers.choices:
-        assert f"usage: sftkey {name}" in sftkey(name, "--help"), name
+        text = sftkey(name, "--help")
+        assert f"usage: sftkey {name}" in text, name
+        assert name != "train" or "--sftkey_mode" in text, text  # TrlParser's help: every key `sftkey train` reads
     return sorted(subparsers.choices)
 
 

@@ -253,12 +253,12 @@ def _parse_trl(path: Path, extra: list[str] = ()):
 @pytest.mark.parametrize("path", TRL_FILES, ids=_ids(TRL_FILES))
 def test_trl_recipe_parses_into_sftkey_config(path, monkeypatch):
     import transformers.training_args
-    from trl import ModelConfig, ScriptArguments
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
     from sftkey_plugin import SFTKeyConfig
 
     parser = train_script.make_parser()
-    assert tuple(parser.dataclass_types) == (ScriptArguments, SFTKeyConfig, ModelConfig)
+    assert tuple(parser.dataclass_types) == (ScriptArguments, SFTKeyConfig, ModelConfig, DatasetMixtureConfig)
     # the recipes target GPUs: TrainingArguments refuses bf16 on a machine without one
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     parsed = _parse_trl(path)
@@ -485,8 +485,8 @@ def test_axolotl_recipe_trains_on_cpu(tiny_dir, tmp_path):
 
 
 def test_trl_recipe_trains_on_cpu(tiny_dir, tmp_path, monkeypatch):
-    """recipes/trl/openbookqa/smollm3-3b-base_lora_sftkey.yaml through recipes/trl/train.py (LoRA, ChatML template
-    file, assistant-only loss) with the tiny model and 8 examples made by the documented data step."""
+    """recipes/trl/openbookqa/smollm3-3b-base_lora_sftkey.yaml through recipes/trl/train.py, which is `sftkey train`
+    (LoRA, ChatML template file, assistant-only loss) with the tiny model and 8 examples made by the data step."""
     pytest.importorskip("sftkey_plugin.cli.main")
     _, tagged = _run_data_step("openbookqa", _obqa_rows(N_RECORDS), tmp_path)
     monkeypatch.chdir(ROOT)  # chat_template_path is relative to the repository root
@@ -506,8 +506,10 @@ def test_trl_recipe_trains_on_cpu(tiny_dir, tmp_path, monkeypatch):
         "optim": "adamw_torch",
     }
     extra = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-    trainer = train_script.main(*_parse_trl(RECIPES / "trl" / "openbookqa" / "smollm3-3b-base_lora_sftkey.yaml", extra))
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    recipe = RECIPES / "trl" / "openbookqa" / "smollm3-3b-base_lora_sftkey.yaml"
+    assert train_script.main(["--config", str(recipe), *extra]) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())  # saved for `sftkey ab`
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["sftkey/stage"] for entry in logs] == STAGES
     assert all("sftkey/key_loss" in entry for entry in logs) and "sftkey/reasoning_loss" in logs[0]
     assert (tmp_path / "out" / "adapter_config.json").exists()

@@ -17,12 +17,13 @@ SFTKey (arXiv 2512.21017): chain-of-thought SFT that gives the key answer tokens
   sftkey convert IN OUT --from gsm8k          rewrite CoT data as <Thinking>...</Thinking><Answer>...</Answer>
   sftkey eval MODEL DATA                      answer accuracy and format accuracy of a model
   sftkey eval --compare A.jsonl B.jsonl       two result files side by side, with a paired bootstrap CI
+  sftkey train --config cfg.yaml              TRL's `trl sft` with the sftkey_* keys (--help lists every key)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand registered."""
-    from . import convert, demo, evaluate, preview
+    from . import convert, demo, evaluate, preview, train
 
     parser = argparse.ArgumentParser(
         prog="sftkey", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"sftkey {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (preview, convert, evaluate, demo):
+    for module in (preview, convert, evaluate, demo, train):
         module.add_parser(subparsers)
     return parser
 
@@ -40,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; 0 success, 1 a check failed (``--min-found``), 2 bad input (SFTKEY_DEBUG=1: traceback)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the CLI tokenises in one process; avoid fork warnings
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train` forwards its arguments to TrlParser unparsed; any other command with arguments left is an error
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "forwards_argv", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
