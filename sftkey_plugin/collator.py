@@ -1,15 +1,23 @@
-"""Carry the per-token ``sftkey_mask`` through any collator, padded or concatenated exactly like ``input_ids``."""
+"""Carry the per-token ``sftkey_mask`` (and the data-weight columns ``sftkey_weight`` / ``sftkey_prompt`` where the
+rows have them) through any collator, padded with 0 or concatenated exactly like ``input_ids``."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 SFTKEY_MASK = "sftkey_mask"
+# every per-token column SFTKey carries, with its batch dtype (the data-weight names are those of weights.py, which
+# this module does not import, so that it stays free of the config)
+SFTKEY_COLUMNS: dict[str, torch.dtype] = {
+    SFTKEY_MASK: torch.long,
+    "sftkey_weight": torch.float32,
+    "sftkey_prompt": torch.long,
+}
 
 
 def _flatten(examples: list[Any]) -> list[Mapping[str, Any]]:
@@ -19,19 +27,19 @@ def _flatten(examples: list[Any]) -> list[Mapping[str, Any]]:
     return examples
 
 
-def _strip(examples: list[Any], column: str) -> list[Any]:
+def _strip(examples: list[Any], columns: Collection[str]) -> list[Any]:
     if examples and isinstance(examples[0], list):
-        return [[{k: v for k, v in row.items() if k != column} for row in group] for group in examples]
-    return [{k: v for k, v in row.items() if k != column} for row in examples]
+        return [[{k: v for k, v in row.items() if k not in columns} for row in group] for group in examples]
+    return [{k: v for k, v in row.items() if k not in columns} for row in examples]
 
 
 @dataclass
 class SFTKeyDataCollator:
-    """Wrap ``inner``: take ``sftkey_mask`` out of each row, collate the rest, then add the mask back as a
-    ``torch.long`` tensor of exactly ``input_ids``'s shape (rows concatenated when the inner collator flattens them),
-    each mask where ``inner`` put that row's tokens: the side it padded is read from the batch, not assumed (TRL's
-    collator pads on the right whatever the tokenizer says). A row ``inner`` changed or put elsewhere is an error,
-    never a silent misalignment.
+    """Wrap ``inner``: take ``sftkey_mask`` (and the other ``SFTKEY_COLUMNS`` the rows have) out of each row,
+    collate the rest, then add each back as a tensor of exactly ``input_ids``'s shape (rows concatenated when the
+    inner collator flattens them), each row's values where ``inner`` put that row's tokens, 0 elsewhere: the side it
+    padded is read from the batch, not assumed (TRL's collator pads on the right whatever the tokenizer says). A row
+    ``inner`` changed or put elsewhere is an error, never a silent misalignment.
     """
 
     inner: Callable[[list[Any]], dict[str, Any]]
@@ -44,24 +52,31 @@ class SFTKeyDataCollator:
                 f"SFTKey: the training rows have no {self.column!r} column. The dataset was prepared without the "
                 "SFTKey transform (for example with skip_prepare_dataset, or by a trainer without the SFTKey plugin)."
             )
-        masks = [torch.as_tensor(row[self.column], dtype=torch.long) for row in rows]
+        columns = [self.column, *(c for c in SFTKEY_COLUMNS if c != self.column and c in rows[0])]
         ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
-        batch = self.inner(_strip(examples, self.column))
+        batch = self.inner(_strip(examples, columns))
         input_ids = batch["input_ids"]
-        if input_ids.shape[0] == len(masks):
-            rows_masks, rows_ids = masks, ids
+        if input_ids.shape[0] == len(rows):
+            rows_ids = ids
         elif input_ids.shape[0] == 1 or (input_ids.shape[0] == len(examples) and isinstance(examples[0], list)):
-            rows_masks = self._group(examples, masks, input_ids.shape[0])
             rows_ids = self._group(examples, ids, input_ids.shape[0])
         else:
-            raise ValueError(f"SFTKey cannot match {len(masks)} rows to a batch of {input_ids.shape[0]} sequences.")
+            raise ValueError(f"SFTKey cannot match {len(rows)} rows to a batch of {input_ids.shape[0]} sequences.")
         attention = batch.get("attention_mask")
-        batch[self.column] = torch.stack(
-            [
-                place_row(mask, row_ids, input_ids[index], None if attention is None else attention[index])
-                for index, (mask, row_ids) in enumerate(zip(rows_masks, rows_ids))
-            ]
-        )
+        starts = [
+            row_start(row_ids, input_ids[index], None if attention is None else attention[index])
+            for index, row_ids in enumerate(rows_ids)
+        ]
+        for column in columns:
+            values = [torch.as_tensor(row[column], dtype=SFTKEY_COLUMNS.get(column, torch.long)) for row in rows]
+            if len(rows_ids) != len(values):
+                values = self._group(examples, values, input_ids.shape[0])
+            batch[column] = torch.stack(
+                [
+                    place_row(value, row_ids, input_ids[index], start)
+                    for index, (value, row_ids, start) in enumerate(zip(values, rows_ids, starts))
+                ]
+            )
         return batch
 
     @staticmethod
@@ -87,14 +102,11 @@ def row_start(row_ids: torch.Tensor, batch_row: torch.Tensor, attention_row: tor
     return fits[0]
 
 
-def place_row(
-    mask: torch.Tensor, row_ids: torch.Tensor, batch_row: torch.Tensor, attention_row: torch.Tensor | None
-) -> torch.Tensor:
-    """``mask`` (one per token of ``row_ids``) spread over ``batch_row``'s width where the collator put the row, 0
-    elsewhere."""
+def place_row(mask: torch.Tensor, row_ids: torch.Tensor, batch_row: torch.Tensor, start: int) -> torch.Tensor:
+    """``mask`` (one value per token of ``row_ids``) spread over ``batch_row``'s width from ``start``, where the
+    collator put the row (``row_start``), 0 elsewhere."""
     if mask.numel() != row_ids.numel():
         raise ValueError(f"SFTKey: a key mask of {mask.numel()} tokens belongs to a row of {row_ids.numel()} tokens.")
-    start = row_start(row_ids, batch_row, attention_row)
     placed = mask.new_zeros(batch_row.numel())
     placed[start : start + mask.numel()] = mask
     return placed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,31 @@ class SFTKeyArguments:
         },
     )
 
+    sftkey_message_weight_field: str = field(
+        default="weight",
+        metadata={
+            "help": "The field of an assistant message that holds its weight (a number >= 0; absent means 1, 0 means "
+            "not trained): every trained token of the message is multiplied by it. On any other message it is an "
+            "error; set to another name, a field that no record has is an error."
+        },
+    )
+    sftkey_example_weight_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "A record-level column that holds the example's weight (a number >= 0; absent means 1): every "
+            "trained token of the example, prompt tokens included, is multiplied by it. A column that no record has "
+            "is an error."
+        },
+    )
+    sftkey_prompt_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "The weight of the prompt tokens that completion_only_loss / assistant_only_loss (Axolotl: "
+            "train_on_inputs: false, roles_to_train) leave out (0: not trained, as without it; Weighted Instruction "
+            "Tuning uses a small weight such as 0.1). They weigh this (times the example weight) in every phase."
+        },
+    )
+
 
 SFTKEY_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(SFTKeyArguments)
 SFTKEY_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SFTKEY_FIELDS)
@@ -194,9 +220,9 @@ def needs_key_tokens(args: SFTKeyArguments) -> bool:
 
 def weighs_tokens(args: SFTKeyArguments) -> bool:
     """Whether some step weighs a trained token other than 1 (a weight of 0 masks the label instead), so the loss
-    path must give per-token losses."""
+    path must give per-token losses (the weights read from the data are known once it is read: ``DataWeightScan``)."""
     weights = mode_weights(args)
-    if any(weighs(*pair) for pair in weights):
+    if any(weighs(*pair) for pair in weights) or weighs(args.sftkey_prompt_weight, 0.0):
         return True
     linear = args.sftkey_mode == "phases" and args.sftkey_phase_interpolation == "linear"
     return linear and len(set(weights)) > 1  # the weights between two different phases are fractions
@@ -264,6 +290,20 @@ def _refuse_preset_settings(args: SFTKeyArguments) -> None:
             )
 
 
+def _validate_data_weight_settings(args: SFTKeyArguments) -> None:
+    """The data-weight keys: field names that are names, a prompt weight that is a finite number >= 0."""
+    for name in ("sftkey_message_weight_field", "sftkey_example_weight_field"):
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name} must be a field name, not {value!r}.")
+    prompt = args.sftkey_prompt_weight
+    if isinstance(prompt, bool) or not isinstance(prompt, int | float) or not math.isfinite(prompt) or prompt < 0:
+        raise ValueError(
+            f"sftkey_prompt_weight must be a finite number >= 0 (0: prompt tokens are not trained), not {prompt!r}; "
+            "negative weights are not unlikelihood training."
+        )
+
+
 def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
     """Raise ``ValueError`` with a message that says what to change for any inconsistent ``sftkey_*`` value.
 
@@ -306,6 +346,7 @@ def validate_sftkey_arguments(args: SFTKeyArguments) -> None:
             raise ValueError(f"{name} must be >= 0, not {getattr(args, name)}.")
     if args.sftkey_key_weight == 0 and args.sftkey_other_weight == 0:
         raise ValueError("sftkey_key_weight and sftkey_other_weight cannot both be 0: nothing would be trained.")
+    _validate_data_weight_settings(args)
     if args.sftkey_mode == "phases":
         _validate_phases(args)
         _refuse_preset_settings(args)

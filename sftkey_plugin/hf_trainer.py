@@ -25,6 +25,7 @@ from .collator import SFTKEY_MASK
 from .config import SFTKeyArguments
 from .loss import (
     IGNORE_INDEX,
+    data_token_weights,
     excess_weights,
     is_top1_where,
     key_metric_sums,
@@ -36,6 +37,7 @@ from .loss import (
     weight_sum,
 )
 from .schedule import PhasePoint, weighs
+from .weights import SFTKEY_PROMPT, SFTKEY_WEIGHT
 
 T = TypeVar("T")
 
@@ -200,10 +202,9 @@ class SFTKeyLossMixin:
         if not getattr(self, "_sftkey_counting_step", False) or not batch_samples:
             return count(batch_samples, device)
         point = self.sftkey_point
-        trained = [
-            {**b, "labels": mask_zero_weight_labels(b["labels"], b[SFTKEY_MASK], *point.weights)} for b in batch_samples
-        ]
-        if self.sftkey_arguments.sftkey_normalize == "weights" and weighs(*point.weights):
+        data_weights = SFTKEY_WEIGHT in batch_samples[0]
+        trained = [{**b, "labels": self._sftkey_loss_labels(b["labels"], b, point)} for b in batch_samples]
+        if self.sftkey_arguments.sftkey_normalize == "weights" and (weighs(*point.weights) or data_weights):
             # transformers' own condition for counting at all: otherwise the loss is a mean per micro-batch
             if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
                 raise ValueError(
@@ -212,19 +213,22 @@ class SFTKeyLossMixin:
                 )
             return self._sftkey_weight_sum(trained, device, point)
         num_items = count(trained, device)
-        if point.key_weight and point.other_weight:
+        if point.key_weight and point.other_weight and not data_weights:
             return num_items
         return num_items.clamp(min=1) if torch.is_tensor(num_items) else num_items
 
     def _sftkey_weight_sum(self, batch_samples: list, device: torch.device, point: PhasePoint) -> torch.Tensor:
         """Sum of the token weights of an optimizer step, at least 1 (all micro-batches; all processes when the
         trainer averages tokens across them, as it does the count)."""
-        total = torch.stack(
-            [
-                weight_sum(shifted(b[SFTKEY_MASK]), b["labels"][..., 1:] != IGNORE_INDEX, *point.weights).to(device)
-                for b in batch_samples
-            ]
-        ).sum()
+        sums = []
+        for b in batch_samples:
+            trained = b["labels"][..., 1:] != IGNORE_INDEX
+            weights = _token_weights(b, point)
+            if weights is None:
+                sums.append(weight_sum(shifted(b[SFTKEY_MASK]), trained, *point.weights).to(device))
+            else:
+                sums.append((shifted(weights).to(trained.device) * trained).sum().to(device))
+        total = torch.stack(sums).sum()
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total[None]).sum()
         # as TRL clamps its denominator (a step whose weights sum below 1 is not scaled up), then as transformers
@@ -239,11 +243,15 @@ class SFTKeyLossMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         if SFTKEY_MASK not in inputs:
             raise KeyError(f"SFTKey: the batch has no {SFTKEY_MASK!r}; the data collator did not carry it.")
-        key_mask = inputs.pop(SFTKEY_MASK)
-        completion_labels = inputs["labels"]
+        columns = {name: inputs.pop(name) for name in (SFTKEY_MASK, SFTKEY_WEIGHT, SFTKEY_PROMPT) if name in inputs}
+        key_mask = columns[SFTKEY_MASK]
         point, training = self.sftkey_point, self.model.training  # evaluation scores every completion token
-        if training:
-            inputs["labels"] = mask_zero_weight_labels(completion_labels, key_mask, *point.weights)
+        weights = _token_weights(columns, point)
+        completion_labels = inputs["labels"]
+        if weights is not None:  # the prompt tokens the prompt weight trains are no completion tokens
+            prompt = columns[SFTKEY_PROMPT].to(completion_labels.device) != 0
+            completion_labels = completion_labels.masked_fill(prompt, IGNORE_INDEX)
+        inputs["labels"] = self._sftkey_loss_labels(inputs["labels"], columns, point) if training else completion_labels
         labels = inputs["labels"]  # the trainer pops it from inputs when a compute_loss_func (Axolotl's use_dft) is set
         self._sftkey_capturing = True
         try:
@@ -253,19 +261,40 @@ class SFTKeyLossMixin:
             self._sftkey_capturing = False
             self._sftkey_outputs = None
         loss = result[0] if return_outputs else result
-        if training and weighs(*point.weights):
-            correction = self._sftkey_correction(outputs, labels, key_mask, point)
+        if training and (weighs(*point.weights) or weights is not None):
+            correction = self._sftkey_correction(outputs, labels, key_mask, point, weights)
             loss = loss + correction * self._sftkey_loss_scale(labels, num_items_in_batch)
-        self._sftkey_record(per_token_values(outputs, labels, key_mask), labels, completion_labels, key_mask, point)
+        if not training:
+            metric_weights = None
+        elif weights is None:
+            metric_weights = torch.where(shifted(key_mask) != 0, point.key_weight, point.other_weight)
+        else:
+            metric_weights = shifted(weights)
+        values = per_token_values(outputs, labels, key_mask)
+        self._sftkey_record(values, labels, completion_labels, key_mask, point, metric_weights)
         return (loss, result[1]) if return_outputs else loss
 
+    def _sftkey_loss_labels(self, labels: torch.Tensor, columns: dict[str, Any], point: PhasePoint) -> torch.Tensor:
+        """The labels of a training micro-batch with every token of weight 0 set to ``-100``, so that it leaves the
+        loss and the step's token count."""
+        weights = _token_weights(columns, point)
+        if weights is None:
+            return mask_zero_weight_labels(labels, columns[SFTKEY_MASK], *point.weights)
+        return labels.masked_fill(weights.to(labels.device) == 0, IGNORE_INDEX)
+
     def _sftkey_correction(
-        self, outputs: Any, labels: torch.Tensor, key_mask: torch.Tensor, point: PhasePoint
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        key_mask: torch.Tensor,
+        point: PhasePoint,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``sum((w - 1) * loss_t)`` over this micro-batch's trained tokens, ``loss_t`` the trainer's own per-token
         loss (the NLL, or DFT's ``p * NLL`` where ``_sftkey_loss_is_dft``): added to its ``sum(loss_t)`` it gives the
-        weighted sum. From full logits only the tokens whose weight is not 1 are recomputed (with a graph)."""
-        excess = excess_weights(shifted(key_mask), *point.weights)
+        weighted sum. From full logits only the tokens whose weight is not 1 are recomputed (with a graph).
+        ``weights``: each token's weight with data weights (None: the step's key and other weights)."""
+        excess = excess_weights(shifted(key_mask), *point.weights) if weights is None else shifted(weights) - 1.0
         log_probs = getattr(outputs, "log_probs", None)
         logits = getattr(outputs, "logits", None)
         if log_probs is not None:  # TRL >= 1.15's fused LM head: zero where the label is ignored
@@ -304,8 +333,10 @@ class SFTKeyLossMixin:
         completion_labels: torch.Tensor,
         key_mask: torch.Tensor,
         point: PhasePoint,
+        weights: torch.Tensor | None = None,
     ) -> None:
-        """Add this micro-batch's key/reasoning sums to this process's buffer of its mode (reduced when logged)."""
+        """Add this micro-batch's key/reasoning sums to this process's buffer of its mode (reduced when logged);
+        ``weights``: each next-token loss's weight (training only)."""
         scored = labels[..., 1:] != IGNORE_INDEX
         completion = completion_labels[..., 1:] != IGNORE_INDEX
         if values is None:
@@ -320,7 +351,7 @@ class SFTKeyLossMixin:
             rows = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask), per_row=True)
             sums = self.accelerator.gather_for_metrics(rows).sum(0)
         else:
-            sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask))
+            sums = key_metric_sums(nll, is_top1, scored, completion, shifted(key_mask), weights=weights)
         # kept on the device until reduced: a copy to the host here would wait for the GPU every micro-batch
         if mode in self._sftkey_sums:
             sums = sums + self._sftkey_sums[mode][0]
@@ -402,6 +433,16 @@ class SFTKeyLossMixin:
             # in place, as Trainer.evaluate returns the dict it logged
             logs.update({(f"{prefix}_" if prefix else "") + k: v for k, v in metrics.items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _token_weights(columns: dict[str, Any], point: PhasePoint) -> torch.Tensor | None:
+    """Each token's weight in this step's loss from a batch's data-weight columns (``data_token_weights``); None
+    without them (the step's key and other weights alone)."""
+    if SFTKEY_WEIGHT not in columns:
+        return None
+    data_weight = columns[SFTKEY_WEIGHT]
+    key_mask, prompt = (columns[name].to(data_weight.device) for name in (SFTKEY_MASK, SFTKEY_PROMPT))
+    return data_token_weights(key_mask, *point.weights, data_weight, prompt)
 
 
 def _metric_key_prefix(args: tuple[Any, ...], kwargs: dict[str, Any], default: str) -> str:

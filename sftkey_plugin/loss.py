@@ -32,6 +32,15 @@ def mask_zero_weight_labels(
     return labels.masked_fill(~is_key if other_weight == 0 else is_key, IGNORE_INDEX)
 
 
+def data_token_weights(
+    key_mask: torch.Tensor, key_weight: float, other_weight: float, data_weight: torch.Tensor, prompt: torch.Tensor
+) -> torch.Tensor:
+    """Each token's weight with data weights: its data weight times the step's key or other weight (1 for a prompt
+    token, which the prompt weight alone weighs)."""
+    mode = torch.where(key_mask != 0, key_weight, other_weight).to(data_weight.dtype)
+    return torch.where(prompt != 0, torch.ones_like(mode), mode) * data_weight
+
+
 def shifted(key_mask: torch.Tensor) -> torch.Tensor:
     """The key mask aligned with next-token losses (``labels[:, 1:]``)."""
     return key_mask[..., 1:]
@@ -112,12 +121,15 @@ def key_metric_sums(
     completion: torch.Tensor,
     shifted_key_mask: torch.Tensor,
     per_row: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sums to reduce across micro-batches and processes before dividing.
 
-    ``scored``: tokens in this step's loss; ``completion``: tokens trained in stage 1 (both aligned with ``nll``).
-    Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens]``, or with
-    ``per_row`` one such row per batch row.
+    ``scored``: tokens in this step's loss; ``completion``: tokens trained in stage 1, prompt tokens left out (both
+    aligned with ``nll``); ``weights``: each token's weight in the loss (None: evaluation, which weighs nothing).
+    Returns ``[key nll, key scored, key right, other nll, other scored, key tokens, completion tokens, weight sum,
+    loss tokens]`` (the last two over every scored token, prompt tokens included), or with ``per_row`` one such row
+    per batch row.
     """
     # products and sums only (no boolean indexing), so nothing waits for the device
     nll = nll.detach().float()
@@ -125,9 +137,10 @@ def key_metric_sums(
     completion = completion.to(nll.device).float()
     key = shifted_key_mask.to(nll.device).float() * completion
     key_scored = key * scored
-    other_scored = scored - key_scored
+    other_scored = (completion - key) * scored
     right = is_top1.to(nll.device).float() * key_scored if is_top1 is not None else torch.zeros_like(key)
-    columns = [nll * key_scored, key_scored, right, nll * other_scored, other_scored, key, completion]
+    weighed = weights.to(nll.device).float() * scored if weights is not None else torch.zeros_like(key)
+    columns = [nll * key_scored, key_scored, right, nll * other_scored, other_scored, key, completion, weighed, scored]
     if per_row:
         return torch.stack([column.flatten(1).sum(1) for column in columns], dim=1)
     return torch.stack([column.sum() for column in columns])
@@ -136,12 +149,16 @@ def key_metric_sums(
 def metrics_from_sums(sums: torch.Tensor, point: PhasePoint, training: bool = True) -> dict[str, float]:
     """The ``sftkey/*`` metrics; a loss is left out when no token of its kind was scored, rather than logged as 0.
     The phase and weights are those of training steps only: evaluation weighs nothing."""
-    key_nll, key_scored, key_right, other_nll, other_scored, key_tokens, completion_tokens = sums.tolist()
+    key_nll, key_scored, key_right, other_nll, other_scored, key_tokens, completion_tokens, weight, loss_tokens = (
+        sums.tolist()
+    )
     metrics = {f"{METRIC_PREFIX}stage": float(point.stage)}
     if training:
         metrics[f"{METRIC_PREFIX}phase"] = float(point.phase)
         metrics[f"{METRIC_PREFIX}key_weight"] = point.key_weight
         metrics[f"{METRIC_PREFIX}other_weight"] = point.other_weight
+        if loss_tokens > 0:  # the mean weight of the tokens in the loss
+            metrics[f"{METRIC_PREFIX}mean_weight"] = weight / loss_tokens
     if completion_tokens > 0:
         metrics[f"{METRIC_PREFIX}key_fraction"] = key_tokens / completion_tokens
     if key_scored > 0:

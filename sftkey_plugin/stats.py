@@ -47,6 +47,10 @@ class KeyDataStats:
     turns: int = 0  # assistant turns searched for a key (1 per example outside multi-turn conversations)
     turns_found: int = 0  # those with a key span
     by_finder: Counter[str] = field(default_factory=Counter)
+    weighted_records: int | None = None  # records with a message or example weight (None: data weights off)
+    weight_sum: float = 0.0  # the data weights of the trained tokens (prompt tokens included)
+    weighted_tokens: int = 0  # those tokens
+    zero_weight_tokens: int = 0  # those of them at data weight 0 (not trained)
 
     @classmethod
     def from_columns(
@@ -86,6 +90,25 @@ class KeyDataStats:
         """The share of examples that keep a complete key span."""
         return self.complete / self.examples if self.examples else 0.0
 
+    def count_weights(
+        self, weight_sums: Iterable[float], weighted_tokens: Iterable[int], zero_weight_tokens: Iterable[int]
+    ) -> None:
+        """Add the data-weight counts of each row."""
+        self.weight_sum += sum(weight_sums)
+        self.weighted_tokens += sum(weighted_tokens)
+        self.zero_weight_tokens += sum(zero_weight_tokens)
+
+    def data_weights_line(self) -> str | None:
+        """The data-weight part of the summary (None when data weights are off)."""
+        if self.weighted_records is None:
+            return None
+        mean = self.weight_sum / self.weighted_tokens if self.weighted_tokens else 0.0
+        return (
+            f"data weights: {self.weighted_records} of {self.examples} records weighted, mean token weight "
+            f"{mean:.3g} over {self.weighted_tokens} trained tokens (prompt tokens included), "
+            f"{self.zero_weight_tokens} tokens at weight 0"
+        )
+
     def count_policy(self, on_missing: str) -> None:
         """Record what ``sftkey_on_missing`` does with the examples without a key span: dropped or kept."""
         if on_missing == "drop":
@@ -114,6 +137,7 @@ class KeyDataStats:
             f"{self.emptied} emptied by truncation",
             f"{self.key_tokens / per_example:.1f} key of {self.completion_tokens / per_example:.1f} trained tokens per "
             f"example ({key_share:.1f}%)",
+            *filter(None, [self.data_weights_line()]),
         ]
         return "; ".join(parts)
 

@@ -25,6 +25,14 @@ from typing import Any
 from .config import SFTKeyArguments
 from .masking import IGNORE_INDEX, key_mask_for_completion
 from .stats import AMBIGUOUS, NOT_LOCATED
+from .weights import (
+    SFTKEY_EXAMPLE_WEIGHT,
+    SFTKEY_WEIGHT,
+    DataWeightOptions,
+    RecordWeights,
+    message_token_weights,
+    record_weights,
+)
 
 logger = logging.getLogger("sftkey_plugin")
 
@@ -390,6 +398,7 @@ def tokenize_with_key_mask(
     assistant_only_loss: bool = False,
     chat_template: str | None = None,
     completion_start_rule: str | None = None,
+    weights: DataWeightOptions | None = None,
 ) -> dict[str, Any]:
     """``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` as TRL makes them) and the ``TurnsMarked``
     columns: ``sftkey_mask``, ``sftkey_finder`` (the finder that matched; ``""`` none, ``"ambiguous"`` answer
@@ -397,7 +406,9 @@ def tokenize_with_key_mask(
     ``sftkey_turns_found``.
 
     ``completion_start_rule``: where a prompt/completion record's completion starts (``COMPLETION_STARTS``); by
-    default the installed TRL's rule, so the trained tokens are the ones stock ``SFTTrainer`` trains."""
+    default the installed TRL's rule, so the trained tokens are the ones stock ``SFTTrainer`` trains.
+    ``weights`` (data weights on): also ``sftkey_weight``, each token's message x example weight (whatever its
+    label: ``compose_data_weights`` applies the labels), and ``sftkey_example_weight``."""
     eos = tokenizer.eos_token
     output: dict[str, Any] = {}
     conversational = "prompt" in example or "messages" in example
@@ -409,6 +420,9 @@ def tokenize_with_key_mask(
         conversation = _conversation(example, form)
         first = len(example["prompt"]) if form == "chat_prompt_completion" else 0  # prompt messages are not trained
         indices = answer_turns(conversation, first, marking.turns)
+    record = record_weights(example, weights) if weights is not None else None
+    if conversation is not None and record is not None and record.messages:  # every answer placed, to weigh it
+        indices = answer_turns(conversation, first, "all")
     if form == "chat_prompt_completion":
         prompt_text = tokenizer.apply_chat_template(
             example["prompt"], tokenize=False, add_generation_prompt=True, **template_kwargs
@@ -447,6 +461,11 @@ def tokenize_with_key_mask(
         prompt_length = completion_start(prompt_ids, input_ids, completion_start_rule)
         output["completion_mask"] = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
 
+    if record is not None:
+        output[SFTKEY_WEIGHT] = _token_data_weights(encoded["offset_mapping"], turns, record)
+        output[SFTKEY_EXAMPLE_WEIGHT] = record.example_weight
+    if marking.turns == "last":
+        turns = turns[-1:]
     marked = TurnsMarked(mask=[0] * len(input_ids))
     for turn, located in turns:
         marked.mark(
@@ -461,6 +480,42 @@ def tokenize_with_key_mask(
         )
     output.update(marked.columns())
     return output
+
+
+def _token_data_weights(
+    offsets: Sequence[Sequence[int]], turns: list[tuple[_Turn, tuple[str, int] | None]], record: RecordWeights
+) -> list[float]:
+    """Each token's message weight (``message_token_weights``) times the example weight; an assistant message
+    the template altered cannot be placed, which is an error when the record weighs its messages."""
+    example = record.example_weight
+    if not record.messages:
+        return [example] * len(offsets)
+    unplaced = [turn.index for turn, located in turns if located is None]
+    if unplaced:
+        raise ValueError(
+            f"SFTKey: the chat template altered the content of assistant message(s) {unplaced} of a record whose "
+            "messages carry weights, so the weights cannot be placed on its tokens. The record's messages: "
+            f"{[turn.index for turn, _ in turns]}."
+        )
+    ends = [located[1] + len(located[0]) for _, located in turns if located is not None]
+    message = [record.messages.get(turn.index, 1.0) * example for turn, _ in turns]
+    return message_token_weights([start for start, _ in offsets], ends, message)
+
+
+def message_weights_by_runs(labels: Sequence[int], turn_weights: Sequence[float]) -> list[float]:
+    """Each token's message weight when each run of trained tokens is one assistant turn (tokens marked from their
+    own ids): run k weighs ``turn_weights[k]``, every other token 1. Runs and turns that do not pair up are an
+    error."""
+    segments = trained_segments(labels)
+    if len(segments) != len(turn_weights):
+        raise ValueError(
+            f"SFTKey: {len(segments)} trained runs of tokens cannot be paired with {len(turn_weights)} weighed "
+            "assistant messages."
+        )
+    weights = [1.0] * len(labels)
+    for (start, end), weight in zip(segments, turn_weights):
+        weights[start:end] = [weight] * (end - start)
+    return weights
 
 
 def trained_segments(labels: Sequence[int]) -> list[tuple[int, int]]:

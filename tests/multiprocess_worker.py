@@ -87,7 +87,7 @@ class GradientRecorder(TrainerCallback):
         self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-METRIC_SUMS = 7  # the length of the vector of sftkey/* metric sums (sftkey_plugin.loss.key_metric_sums)
+METRIC_SUMS = 9  # the length of the vector of sftkey/* metric sums (sftkey_plugin.loss.key_metric_sums)
 
 
 def record_micro_batches(trainer: Any) -> None:

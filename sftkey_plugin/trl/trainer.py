@@ -12,7 +12,7 @@ from datasets import Dataset
 from trl import SFTTrainer
 from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml, pack_dataset
 
-from ..collator import SFTKEY_MASK, SFTKeyDataCollator
+from ..collator import SFTKEY_COLUMNS, SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments, weighs_tokens
 from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..loss import IGNORE_INDEX
@@ -25,6 +25,16 @@ from ..tokenize import (
     require_fast_tokenizer,
     tokenize_with_key_mask,
     warn_if_reasoning_dropped,
+)
+from ..weights import (
+    SFTKEY_EXAMPLE_WEIGHT,
+    SFTKEY_WEIGHT,
+    DataWeightOptions,
+    DataWeightScan,
+    compose_data_weights,
+    conversation_of,
+    features_hold,
+    scan_data_weights,
 )
 
 logger = logging.getLogger("sftkey_plugin")
@@ -43,11 +53,32 @@ _STAT_COLUMNS = (
 )
 
 
-def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, Any]:
-    """Truncate every per-token column together; count key and trained tokens; mark examples whose key was cut."""
+# per-row counts of the data weights (rows with data weights only)
+_WEIGHT_STAT_COLUMNS = ("sftkey_weight_sum", "sftkey_weighted_tokens", "sftkey_zero_weight_tokens")
+
+
+def _truncate_and_classify(example: dict[str, Any], keep: slice, prompt_weight: float) -> dict[str, Any]:
+    """Truncate every per-token column together; count key and trained tokens; mark examples whose key was cut;
+    with data weights, compose each token's weight (``compose_data_weights``) and count them."""
     trained = [int(label != IGNORE_INDEX) for label in example["labels"]]
     mask = [m & t for m, t in zip(example[SFTKEY_MASK], trained)]
     kept = mask[keep]
+    weights: dict[str, Any] = {}
+    if SFTKEY_WEIGHT in example:
+        ids, labels = example["input_ids"][keep], example["labels"][keep]
+        weights = dict(
+            compose_data_weights(
+                ids, labels, example[SFTKEY_WEIGHT][keep], example[SFTKEY_EXAMPLE_WEIGHT], prompt_weight
+            )
+        )
+        scored = [w for w, label in zip(weights[SFTKEY_WEIGHT], weights["labels"]) if label != IGNORE_INDEX]
+        weights.update(
+            {
+                "sftkey_weight_sum": sum(scored),
+                "sftkey_weighted_tokens": len(scored),
+                "sftkey_zero_weight_tokens": scored.count(0.0),
+            }
+        )
     return {
         "input_ids": example["input_ids"][keep],
         "labels": example["labels"][keep],
@@ -58,6 +89,7 @@ def _truncate_and_classify(example: dict[str, Any], keep: slice) -> dict[str, An
         # rows that came with their own mask have no turn counts: one turn each
         "sftkey_turns": example.get("sftkey_turns", 1),
         "sftkey_turns_found": example.get("sftkey_turns_found", int(1 in mask)),
+        **weights,
     }
 
 
@@ -131,8 +163,8 @@ class SFTKeyMixin(SFTKeyLossMixin):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        if getattr(self.args, "sftkey", False) and SFTKEY_MASK not in self._signature_columns:
-            self._signature_columns.append(SFTKEY_MASK)
+        if getattr(self.args, "sftkey", False):
+            self._signature_columns.extend(c for c in SFTKEY_COLUMNS if c not in self._signature_columns)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):  # type: ignore[no-untyped-def]
         if not getattr(args, "sftkey", False):
@@ -165,10 +197,11 @@ class SFTKeyMixin(SFTKeyLossMixin):
         """TRL's preparation with the key mask made in the same tokenisation and carried through truncation, the
         ``sftkey_on_missing`` policy and packing."""
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
+        scan = self._sftkey_scan_data_weights(dataset, args, arguments, dataset_name)
 
         if "input_ids" not in dataset.column_names:
             dataset = self._sftkey_tokenize(
-                dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs
+                dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs, scan
             )
         elif SFTKEY_MASK in dataset.column_names:
             dataset = dataset.map(lambda _: {"sftkey_finder": "pretokenized"}, **map_kwargs)
@@ -192,28 +225,94 @@ class SFTKeyMixin(SFTKeyLossMixin):
         )
         dataset = dataset.map(
             _truncate_and_classify,
-            fn_kwargs={"keep": keep},
+            fn_kwargs={"keep": keep, "prompt_weight": float(arguments.sftkey_prompt_weight)},
+            remove_columns=[SFTKEY_EXAMPLE_WEIGHT] if SFTKEY_EXAMPLE_WEIGHT in dataset.column_names else None,
             desc=f"SFTKey marking {dataset_name}",
             **map_kwargs,
         )
         dataset, stats = self._sftkey_apply_policy(dataset, arguments, dataset_name, map_kwargs)
+        stats.weighted_records = scan.weighted_records if scan.active else None
         self._sftkey_pending_stats = [*getattr(self, "_sftkey_pending_stats", []), stats]
 
         if packing:
             if args.max_length is None:
                 raise ValueError("When packing is enabled, `max_length` can't be `None`.")
-            dataset = dataset.select_columns(["input_ids", "labels", SFTKEY_MASK])
+            dataset = dataset.select_columns(
+                ["input_ids", "labels", *(c for c in SFTKEY_COLUMNS if c in dataset.column_names)]
+            )
             if args.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
             dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
         else:
-            dataset = dataset.remove_columns([c for c in _STAT_COLUMNS if c in dataset.column_names])
+            stat_columns = (*_STAT_COLUMNS, *_WEIGHT_STAT_COLUMNS)
+            dataset = dataset.remove_columns([c for c in stat_columns if c in dataset.column_names])
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
-    def _sftkey_tokenize(self, dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs):  # type: ignore[no-untyped-def]
-        """Raw records to ``input_ids`` + TRL's masks + ``sftkey_mask``, in one tokenisation with offsets."""
+    def _sftkey_scan_data_weights(
+        self, dataset: Dataset, args: Any, arguments: SFTKeyArguments, dataset_name: str
+    ) -> DataWeightScan:
+        """The data's weights, checked record by record (read only where the columns can hold one), and the settings
+        they need refused before anything is tokenised."""
+        options = DataWeightOptions.from_arguments(arguments)
+        fields = [options.message_field, *([options.example_field] if options.example_field else [])]
+        holds = any(features_hold(dataset.features, name) for name in fields)
+        scan = scan_data_weights(dataset if holds else (), options, dataset_name)
+        if scan.active:
+            self._sftkey_refuse_data_weights(dataset, args, arguments, scan)
+        return scan
+
+    def _sftkey_refuse_data_weights(
+        self, dataset: Dataset, args: Any, arguments: SFTKeyArguments, scan: DataWeightScan
+    ) -> None:
+        """The combinations of data weights and TRL settings that cannot mean what they say."""
+        if "input_ids" in dataset.column_names:
+            raise ValueError(
+                "SFTKey: data weights (sftkey_prompt_weight, sftkey_example_weight_field, message weights) need the "
+                "records (messages or prompt/completion): pre-tokenised rows no longer hold the messages and the "
+                "prompt they weigh. Pass the records, or unset the data weights."
+            )
+        if args.loss_type == "chunked_nll":
+            raise ValueError(
+                "SFTKey: data weights weigh tokens, which needs per-token losses, and trl's chunked_nll does not "
+                "return them: set loss_type='nll'."
+            )
+        sample = dataset[0] if len(dataset) else {}
+        form = "text" if conversation_of(sample) is None and "prompt" not in sample else "records"
+        messages = "messages" in sample
+        completion_only = getattr(self, "completion_only_loss", args.completion_only_loss) is not False
+        if scan.options.prompt_weight > 0:
+            if form == "text":
+                raise ValueError(
+                    "SFTKey: sftkey_prompt_weight needs prompt/completion or messages records: a text record is "
+                    "trained whole, so it has no prompt tokens to weigh."
+                )
+            if messages and not args.assistant_only_loss:
+                raise ValueError(
+                    "SFTKey: sftkey_prompt_weight with messages records needs assistant_only_loss=True: without it TRL "
+                    "trains every token of the conversation at weight 1, so no prompt token is left to weigh."
+                )
+            if not messages and not completion_only:
+                raise ValueError(
+                    "SFTKey: sftkey_prompt_weight with completion_only_loss=False contradicts itself: TRL already "
+                    "trains the prompt at weight 1. Leave completion_only_loss at its default (True) to weigh the "
+                    "prompt with sftkey_prompt_weight, or set sftkey_prompt_weight to 0."
+                )
+        if scan.message_weights and messages and not args.assistant_only_loss:
+            raise ValueError(
+                "SFTKey: message weights with messages records need assistant_only_loss=True: without it TRL trains "
+                "the user messages in the same run as the assistant's, which a message weight cannot tell apart."
+            )
+        if scan.message_weights and not messages and not completion_only:
+            raise ValueError(
+                "SFTKey: message weights with completion_only_loss=False: TRL trains the prompt messages too, which a "
+                "message weight cannot tell apart; leave completion_only_loss at its default (True)."
+            )
+
+    def _sftkey_tokenize(self, dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs, scan):  # type: ignore[no-untyped-def]
+        """Raw records to ``input_ids`` + TRL's masks + ``sftkey_mask``, in one tokenisation with offsets (and each
+        token's message x example weight where data weights are on)."""
         if formatting_func is not None:
             dataset = dataset.map(lambda example: {args.dataset_text_field: formatting_func(example)}, **map_kwargs)
         if is_conversational_from_value(dataset[0]):
@@ -230,6 +329,7 @@ class SFTKeyMixin(SFTKeyLossMixin):
                 "text_field": args.dataset_text_field,
                 "assistant_only_loss": args.assistant_only_loss,
                 "chat_template": self.chat_template,
+                "weights": scan.options if scan.active else None,
             },
             remove_columns=dataset.column_names,
             desc=f"SFTKey tokenizing {dataset_name}",
@@ -250,6 +350,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
             columns["sftkey_completion_tokens"],
             zip(columns["sftkey_turns"], columns["sftkey_turns_found"]),
         )
+        if _WEIGHT_STAT_COLUMNS[0] in dataset.column_names:
+            weights = dataset.select_columns(list(_WEIGHT_STAT_COLUMNS)).to_dict()
+            stats.count_weights(*(weights[name] for name in _WEIGHT_STAT_COLUMNS))
         bad = [i for i, status in enumerate(columns["sftkey_status"]) if status != FOUND]
         policy = arguments.sftkey_on_missing
         if bad and policy == "error":
