@@ -173,21 +173,34 @@ def _without_keys(arguments: SFTKeyArguments) -> str:
 def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataStats:
     """Counts of rows that hold ``labels`` and ``sftkey_mask`` (only trained key tokens), with the ``TurnsMarked``
     columns ``sftkey_finder``, ``sftkey_turns`` and ``sftkey_turns_found`` where the rows were marked here (a row
-    whose mask came with the data counts as one turn, found by ``pretokenized``)."""
+    whose mask came with the data counts as one turn, found by ``pretokenized``); with data weights
+    (``sftkey_weight``, ``sftkey_prompt`` and a per-row ``sftkey_weighted``: the record had a weight), their counts,
+    the prompt tokens left out of the trained tokens."""
     statuses: list[str] = []
     finders: list[str] = []
     keys: list[int] = []
     trained: list[int] = []
     turns: list[tuple[int, int]] = []
+    weights: list[tuple[float, int, int]] = []  # per row with data weights: weight sum, trained tokens, at weight 0
+    weighted_records = 0
     for row in rows:
+        if "sftkey_weight" in row:
+            scored = [w for w, label in zip(row["sftkey_weight"], row["labels"]) if label != IGNORE_INDEX]
+            weights.append((sum(scored), len(scored), scored.count(0.0)))
+            weighted_records += bool(row.get("sftkey_weighted", 0))
         mask, finder = row["sftkey_mask"], row.get("sftkey_finder", "pretokenized")
         n_key = int(sum(mask))
         statuses.append(key_status(finder, mask, slice(None)))
         finders.append(finder)
         keys.append(n_key)
-        trained.append(sum(1 for label in row["labels"] if label != IGNORE_INDEX))
+        prompt = row.get("sftkey_prompt") or [0] * len(row["labels"])
+        trained.append(sum(1 for label, p in zip(row["labels"], prompt) if label != IGNORE_INDEX and not p))
         turns.append((row.get("sftkey_turns", 1), row.get("sftkey_turns_found", int(n_key > 0))))
-    return KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
+    stats = KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
+    if weights:
+        stats.weighted_records = weighted_records
+        stats.count_weights(*zip(*weights))
+    return stats
 
 
 def missing_keys_error(stats: KeyDataStats, rows: list[int] | None = None) -> ValueError:

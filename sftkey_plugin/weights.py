@@ -201,11 +201,13 @@ def compose_data_weights(
     completion_weights: Sequence[float],
     example_weight: float,
     prompt_weight: float,
+    prompt_tokens: Sequence[int] | None = None,
 ) -> dict[str, list[Any]]:
     """The final ``labels``, ``sftkey_weight`` and ``sftkey_prompt`` of one row, from the framework's ``labels``
     and each token's message x example weight. With a prompt weight, every token the labels leave out gets its label
     back and weighs ``prompt_weight x example_weight``, except the row's first token: it is no target in a row of its
-    own, and in a packed row it would be predicted from the sequence before it."""
+    own, and in a packed row it would be predicted from the sequence before it. ``prompt_tokens`` (1/0 per token)
+    narrows the prompt to those tokens (say, not an assistant message the data leaves out)."""
     if not len(input_ids) == len(labels) == len(completion_weights):
         raise ValueError("SFTKey: input_ids, labels and the data weights of a row differ in length.")
     out_labels, weights, prompt = [], [], []
@@ -214,7 +216,7 @@ def compose_data_weights(
             out_labels.append(label)
             weights.append(float(weight))
             prompt.append(0)
-        elif prompt_weight > 0 and position > 0:
+        elif prompt_weight > 0 and position > 0 and (prompt_tokens is None or prompt_tokens[position]):
             out_labels.append(token)
             weights.append(prompt_weight * example_weight)
             prompt.append(1)
