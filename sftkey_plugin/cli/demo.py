@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from ..examples import arithmetic_problem, tagged_response
 from ..schedule import stage2_start_step
+from .ab_report import loss_curves, verdict, write_plot
 from .data import CLIError, save_records
 
 # name: (what it trains, as the demo prints it), the study's arms and the ablation key_only
@@ -411,8 +412,11 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
         arm: compare_results(results[baseline]["rows"], results[arm]["rows"], seed=args.seed) for arm in others
     }
     (out / "comparison.json").write_text(json.dumps(comparisons, indent=1) + "\n", encoding="utf-8")
-    histories = {arm: result["history"] for arm, result in results.items()}
-    plot = write_plot(out / "demo.png", histories, results, args) if not args.no_plot else None
+    plot = None
+    if not args.no_plot:
+        curves = {arm: loss_curves(result["history"]) for arm, result in results.items()}
+        scores = {arm: {m: [r["summary"][m]] for m in ("accuracy", "format_accuracy")} for arm, r in results.items()}
+        plot = write_plot(out / "demo.png", curves, scores, f"held-out {args.task} questions (n={args.test_size})")
     return {
         "task": args.task,
         "steps": args.steps,
@@ -460,7 +464,7 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     baseline, out = report["baseline"], report["output_dir"]
     for arm, comparison in report["comparisons"].items():
         print(format_comparison(comparison, baseline, arm))
-        print(_verdict(comparison, arm, baseline))
+        print(verdict(comparison["accuracy"]["difference"], comparison["accuracy"]["ci"], arm, baseline))
     if report["plot"]:
         print(f"  plot: {report['plot']}")
     elif not args.no_plot:
@@ -468,56 +472,3 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     arm = args.arms[-1]
     print(f"  re-score a model: sftkey eval {out}/{arm} {out}/test.jsonl -o {arm}.jsonl")
     print(f"  everything is in {out}/ ; total time {report['wall_seconds'] / 60:.1f} min")
-
-
-def _verdict(comparison: dict[str, Any], arm: str, baseline: str) -> str:
-    """One honest sentence on what this run shows."""
-    low, high = comparison["accuracy"]["ci"]
-    diff = comparison["accuracy"]["difference"]
-    if low > 0:
-        return f"  On this run {arm} beat {baseline} by {100 * diff:.1f} accuracy points."
-    if high < 0:
-        return f"  On this run {arm} was worse than {baseline} by {-100 * diff:.1f} accuracy points."
-    return f"  On this run {arm} and {baseline} are not distinguishable; try more --steps or another --seed."
-
-
-def write_plot(path: Path, histories: dict[str, list], results: dict[str, Any], args: argparse.Namespace) -> str | None:
-    """Loss curves of every arm and their accuracies as a PNG; None when matplotlib is not importable."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, history in histories.items():
-        logged = [entry for entry in history if "loss" in entry]
-        note = " (stage 2: key tokens only)" if arm == "two_stage" else ""
-        curves.plot([e["step"] for e in logged], [e["loss"] for e in logged], label=f"{arm} training loss{note}")
-        keyed = [entry for entry in history if "sftkey/key_loss" in entry]
-        if keyed:
-            curves.plot(
-                [e["step"] for e in keyed],
-                [e["sftkey/key_loss"] for e in keyed],
-                "--",
-                label=f"{arm} key-token loss",
-            )
-    if "two_stage" in histories:
-        curves.axvline(args.steps * args.stage2_ratio, color="grey", linestyle=":", label="two_stage: stage 2 starts")
-    curves.set(xlabel="optimizer step", ylabel="loss", yscale="log", title="training loss")
-    curves.legend(fontsize=8)
-    names = list(results)
-    for offset, (metric, label) in enumerate((("accuracy", "accuracy"), ("format_accuracy", "format accuracy"))):
-        values = [results[name]["summary"][metric] for name in names]
-        positions = [i + offset * 0.4 for i in range(len(names))]
-        bars.bar(positions, values, width=0.4, label=label)
-        for x, value in zip(positions, values):
-            bars.text(x, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
-    bars.set_xticks([i + 0.2 for i in range(len(names))], names)
-    bars.set(ylim=(0, 1.1), title=f"held-out {args.task} questions (n={args.test_size})")
-    bars.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return str(path)
