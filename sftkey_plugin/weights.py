@@ -156,6 +156,11 @@ def features_hold(features: Any, name: str) -> bool:
     return inner is not None and features_hold(inner, name)
 
 
+def message_features(features: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a dataset's features that holds messages (``messages``, or ``prompt`` and ``completion``)."""
+    return {name: features[name] for name in ("messages", "prompt", "completion") if name in features}
+
+
 def scan_data_weights(
     records: Iterable[Mapping[str, Any]], options: DataWeightOptions, name: str = "train"
 ) -> DataWeightScan:

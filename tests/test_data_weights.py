@@ -225,3 +225,81 @@ def test_core_functions():
     assert composed["sftkey_weight"] == [0.0, pytest.approx(0.1), 2.0, 2.0]
     assert composed["sftkey_prompt"] == [0, 1, 0, 0]
     assert compose_data_weights([7, 8], [-100, 8], [1.0, 1.0], 1.0, 0.0)["labels"] == [-100, 8]
+
+
+def test_paths_that_cannot_weigh_refuse_data_weights(tiny_dir, tokenizer, tmp_path):
+    """Pre-tokenised rows and SFTKeyCallback on a stock SFTTrainer no longer hold the prompt and the messages: data
+    weights are refused there, never trained as 1."""
+    from sftkey_plugin import SFTKeyCallback
+
+    rows = [{"input_ids": tokenizer("a b c")["input_ids"], "score": 2.0}]
+    with pytest.raises(ValueError, match="pre-tokenised rows no longer hold"):
+        trainer_for(tiny_dir, rows, tmp_path, sftkey=True, sftkey_example_weight_field="score", **PER_TOKEN)
+    callback = SFTKeyCallback(SFTKeyArguments(sftkey=True, sftkey_mode="weighted"))
+    stock = trainer_for(tiny_dir, weighted_records(), tmp_path, trl.SFTTrainer, callbacks=[callback], **PER_TOKEN)
+    with pytest.raises(ValueError, match="SFTKeyCallback cannot weigh tokens by the data"):
+        stock.train()
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_each_assistant_message_weighs_its_own_tokens(tiny_dir, tmp_path, turns):
+    """Two assistant turns weighted 0.5 and 3.0 (assistant_only_loss): each turn's trained tokens (its end of turn
+    included) carry its weight, whichever turns are marked for the key; the prompt weight goes to the rest."""
+    from test_paths import CHATML_GENERATION
+
+    record = {
+        "messages": [
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "<think>2+3=5</think><answer>5</answer>", "weight": 0.5},
+            {"role": "user", "content": "And 4+4?"},
+            {"role": "assistant", "content": "<think>4+4=8</think><answer>8</answer>", "weight": 3.0},
+        ]
+    }
+    trainer = built(
+        tiny_dir, tmp_path, [record], sftkey_mode="weighted", sftkey_turns=turns, sftkey_prompt_weight=0.1,
+        assistant_only_loss=True, chat_template=CHATML_GENERATION,
+    )  # fmt: skip
+    tokenizer = trainer.processing_class
+    row = trainer.train_dataset[0]
+    runs, start = [], None
+    for index, prompt in enumerate([*row["sftkey_prompt"], 1]):
+        if index and not prompt and start is None:
+            start = index
+        elif prompt and start is not None:
+            runs.append((start, index))
+            start = None
+    assert len(runs) == 2
+    assert [set(row["sftkey_weight"][a:b]) for a, b in runs] == [{0.5}, {3.0}]
+    assert tokenizer.decode(row["input_ids"][runs[0][1] - 1]) == "<|im_end|>"
+    prompt_weights = [w for w, p in zip(row["sftkey_weight"], row["sftkey_prompt"]) if p]
+    assert prompt_weights == pytest.approx([0.1] * len(prompt_weights)) and row["sftkey_weight"][0] == 0
+    key_turns = [bool(sum(row["sftkey_mask"][a:b])) for a, b in runs]
+    assert key_turns == ([True, True] if turns == "all" else [False, True])
+
+
+def test_evaluation_leaves_the_prompt_out_and_weighs_nothing(tiny_dir, tmp_path):
+    """eval_loss with a prompt weight and message weights is the plain completion loss, as without them."""
+    weights = dict(sftkey_prompt_weight=PROMPT, sftkey_example_weight_field="score")
+    weighted = built(tiny_dir, tmp_path / "w", weighted_records(), evaluate=True, **weights).evaluate()
+    plain = built(tiny_dir, tmp_path / "p", arithmetic_records(4, seed=5, form="prompt_completion"), evaluate=True)
+    assert weighted["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+    assert "eval_sftkey/mean_weight" not in weighted
+
+
+def built(tiny_dir, out, records, evaluate=False, chat_template=None, **settings):
+    """An SFTKeyTrainer on ``records`` (also its evaluation data with ``evaluate``), with a chat template of its own."""
+    from datasets import Dataset
+    from test_trl import config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftkey_plugin import SFTKeyTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = chat_template or tokenizer.chat_template
+    return SFTKeyTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+        args=config(out, sftkey=True, **PER_TOKEN, **settings),
+        train_dataset=Dataset.from_list(records),
+        eval_dataset=Dataset.from_list(records) if evaluate else None,
+        processing_class=tokenizer,
+    )

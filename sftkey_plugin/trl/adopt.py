@@ -20,6 +20,7 @@ from ..config import SFTKeyArguments, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
 from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import MarkingOptions, require_fast_tokenizer, trained_segments
+from ..weights import DataWeightOptions, features_hold, message_features
 from .trainer import preview_command, reject_unsupported
 
 logger = logging.getLogger("sftkey_plugin")
@@ -43,6 +44,18 @@ def sftkey_class_of(trainer_class: type) -> type:
 
 def _refuse_unmarkable(trainer: Any, arguments: SFTKeyArguments) -> None:
     """What the marking of already prepared rows cannot reproduce of ``SFTKeyTrainer``: refused with what to use."""
+    options = DataWeightOptions.from_arguments(arguments)
+    dataset = trainer.train_dataset
+    if (
+        options.prompt_weight > 0
+        or options.example_field is not None
+        or features_hold(message_features(dataset.features), options.message_field)
+    ):
+        raise ValueError(
+            "SFTKeyCallback cannot weigh tokens by the data (sftkey_prompt_weight, sftkey_example_weight_field or "
+            f"the messages' {options.message_field!r}): a stock SFTTrainer's prepared rows no longer tell the "
+            f"prompt and each message apart: {USE_SFTKEY_TRAINER}."
+        )
     if arguments.sftkey_on_missing == "drop":
         raise ValueError(
             f"SFTKeyCallback on a stock SFTTrainer cannot drop rows from a built data loader: {USE_SFTKEY_TRAINER}."
@@ -52,7 +65,7 @@ def _refuse_unmarkable(trainer: Any, arguments: SFTKeyArguments) -> None:
             "SFTKeyCallback cannot tell the examples of a packed row apart for sftkey_turns='last': "
             f"{USE_SFTKEY_TRAINER}."
         )
-    dataset, limit = trainer.train_dataset, trainer.args.max_length
+    limit = trainer.args.max_length
     if SFTKEY_MASK in dataset.column_names:
         raise ValueError(f"SFTKeyCallback: the training rows already hold {SFTKEY_MASK!r}: {USE_SFTKEY_TRAINER}.")
     packed = "seq_lengths" in dataset.column_names  # a packed row holds several sequences, each cut on its own

@@ -34,6 +34,7 @@ from ..weights import (
     compose_data_weights,
     conversation_of,
     features_hold,
+    message_features,
     scan_data_weights,
 )
 
@@ -256,8 +257,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
         """The data's weights, checked record by record (read only where the columns can hold one), and the settings
         they need refused before anything is tokenised."""
         options = DataWeightOptions.from_arguments(arguments)
-        fields = [options.message_field, *([options.example_field] if options.example_field else [])]
-        holds = any(features_hold(dataset.features, name) for name in fields)
+        holds = features_hold(message_features(dataset.features), options.message_field) or (
+            options.example_field is not None and options.example_field in dataset.column_names
+        )
         scan = scan_data_weights(dataset if holds else (), options, dataset_name)
         if scan.active:
             self._sftkey_refuse_data_weights(dataset, args, arguments, scan)
