@@ -303,3 +303,27 @@ def built(tiny_dir, out, records, evaluate=False, chat_template=None, **settings
         eval_dataset=Dataset.from_list(records) if evaluate else None,
         processing_class=tokenizer,
     )
+
+
+def test_preview_shows_each_token_weight_and_the_counts(tiny_dir, tmp_path, capsys):
+    import json
+
+    from sftkey_plugin.cli.main import main
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in weighted_records()))
+    options = ["--example-weight-field", "score", "--prompt-weight", "0.1"]
+    assert main(["preview", str(path), "--tokenizer", tiny_dir, "--json", *options]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = report["summary"]
+    assert summary["weighted_records"] == 4 and summary["zero_weight_tokens"] > 0
+    first = report["examples"][0]
+    assert len(first["weights"]) == first["tokens"] and first["weights"][0] == 0.0
+    assert sorted(set(first["weights"][1:])) == pytest.approx([0.1 * 1.5, 0.5 * 1.5])
+    assert main(["preview", str(path), "--tokenizer", tiny_dir, "-n", "1", *options]) == 0
+    text = capsys.readouterr().out
+    assert "records with a data weight" in text and "tokens at weight 0" in text
+    assert "token weights: tokens 0: 0; 1-" in text
+    path.write_text(json.dumps({**weighted_records()[0], "score": -1}) + "\n")
+    assert main(["preview", str(path), "--tokenizer", tiny_dir, *options]) != 0
+    assert "record 0: 'score' is negative" in capsys.readouterr().err

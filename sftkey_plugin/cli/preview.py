@@ -15,8 +15,16 @@ from typing import Any
 
 from ..config import EDGE_TOKENS, TURNS
 from ..finders import validate_finder_options
-from ..masking import truncation_slice
+from ..masking import IGNORE_INDEX, truncation_slice
 from ..stats import AMBIGUOUS, CUT, FOUND, MISSING, KeyDataStats, key_status
+from ..weights import (
+    SFTKEY_EXAMPLE_WEIGHT,
+    SFTKEY_WEIGHT,
+    DataWeightOptions,
+    DataWeightScan,
+    compose_data_weights,
+    scan_data_weights,
+)
 from .data import CLIError, load_records, parse_json_option, record_form
 
 NO_FINDER = "(none)"
@@ -75,6 +83,17 @@ def add_parser(subparsers: Any) -> None:
         help="the assistant-message field with the reasoning, as sftkey_reasoning_field (default: "
         "reasoning_content, thinking or reasoning)",
     )
+    parser.add_argument(
+        "--message-weight-field",
+        default="weight",
+        help="the assistant-message field with its weight, as sftkey_message_weight_field (default: weight)",
+    )
+    parser.add_argument(
+        "--example-weight-field", help="the record field with its weight, as sftkey_example_weight_field"
+    )
+    parser.add_argument(
+        "--prompt-weight", type=float, default=0.0, help="the weight of the prompt tokens, as sftkey_prompt_weight"
+    )
     parser.add_argument("-n", "--num-examples", type=int, default=5, help="examples to print (default 5)")
     parser.add_argument(
         "--show",
@@ -103,8 +122,10 @@ def classify(
     max_length: int | None,
     truncation_mode: str,
     completion_only_loss: bool | None,
+    prompt_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """Status and token counts of one tokenised example, with TRL's label rules and truncation."""
+    """Status and token counts of one tokenised example, with TRL's label rules and truncation; with data weights
+    (``sftkey_weight`` in ``encoded``) each token's data weight (``compose_data_weights``: 0 where not trained)."""
     length = len(encoded["input_ids"])
     trained = [1] * length
     if "completion_mask" in encoded and completion_only_loss is not False:
@@ -115,7 +136,20 @@ def classify(
     keep = truncation_slice(max_length, truncation_mode)
     finder = encoded["sftkey_finder"]
     status = key_status(finder, key, keep)
+    weights, counts = None, None
+    if SFTKEY_WEIGHT in encoded:
+        labels = [token if t else IGNORE_INDEX for token, t in zip(encoded["input_ids"], trained)]
+        kept_ids, kept_labels = encoded["input_ids"][keep], labels[keep]
+        composed = compose_data_weights(
+            kept_ids, kept_labels, encoded[SFTKEY_WEIGHT][keep], encoded[SFTKEY_EXAMPLE_WEIGHT], prompt_weight
+        )
+        weights = [0.0] * length
+        weights[keep] = composed[SFTKEY_WEIGHT]
+        scored = [w for w, label in zip(composed[SFTKEY_WEIGHT], composed["labels"]) if label != IGNORE_INDEX]
+        counts = (sum(scored), len(scored), scored.count(0.0))
     return {
+        "weights": weights,
+        "weight_counts": counts,
         "finder": finder or NO_FINDER,
         "status": status,
         "tokens": length,
@@ -194,8 +228,11 @@ def _by_finder(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return table
 
 
-def summarise(rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts over the examples (``KeyDataStats`` plus the complete share and per-finder rows)."""
+def summarise(
+    rows: list[dict[str, Any]], errors: list[dict[str, Any]], scan: DataWeightScan | None = None
+) -> dict[str, Any]:
+    """Counts over the examples (``KeyDataStats`` plus the complete share and per-finder rows; with data weights
+    their counts)."""
     stats = KeyDataStats.from_columns(
         "preview",
         [r["status"] for r in rows],
@@ -205,6 +242,9 @@ def summarise(rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[
         [(r["turns"], r["turns_found"]) for r in rows],
     )
     stats.emptied = sum(r["emptied"] for r in rows)
+    if scan is not None and scan.active:
+        stats.weighted_records = scan.weighted_records
+        stats.count_weights(*zip(*(r["weight_counts"] for r in rows)))
     return {
         **stats.as_dict(),
         "complete": stats.complete,
@@ -238,6 +278,14 @@ def format_summary(summary: dict[str, Any], header: str, per_finder: bool) -> st
         f"  {'key tokens per example':<38}{summary['key_tokens'] / n:>7.1f}",
         f"  {'trained tokens per example':<38}{summary['completion_tokens'] / n:>7.1f}  (key {key_share:.1f}%)",
     ]
+    if summary["weighted_records"] is not None:
+        tokens = summary["weighted_tokens"]
+        mean = summary["weight_sum"] / tokens if tokens else 0.0
+        lines += [
+            f"  {'records with a data weight':<38}{share(summary['weighted_records'])}",
+            f"  {'mean token weight (prompt included)':<38}{mean:>7.3g}  (over {tokens} tokens)",
+            f"  {'tokens at weight 0':<38}{summary['zero_weight_tokens']:>7}",
+        ]
     if per_finder:
         lines += [
             "",
@@ -270,6 +318,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     require_fast_tokenizer(tokenizer)
     marking = MarkingOptions(args.finder, options, args.edge_tokens, args.include_eos, args.turns, args.reasoning_field)
+    weights = DataWeightOptions(args.message_weight_field, args.example_weight_field, args.prompt_weight)
+    if args.prompt_weight < 0 or args.prompt_weight != args.prompt_weight:
+        raise CLIError(f"--prompt-weight must be a number >= 0, not {args.prompt_weight}")
+    try:
+        scan = scan_data_weights(records, weights)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
     rows, errors, encodings = [], [], {}
     for index, record in enumerate(tqdm(records, desc="tokenizing", unit="ex", disable=None)):
         try:
@@ -279,19 +334,20 @@ def run(args: argparse.Namespace) -> int:
                 marking,
                 text_field=args.text_field,
                 assistant_only_loss=args.assistant_only_loss,
+                weights=weights if scan.active else None,
             )
         except (ValueError, KeyError, TypeError) as error:
             errors.append({"index": index, "error": str(error)})
             continue
         row = {
             "index": index,
-            **classify(encoded, args.max_length, args.truncation_mode, args.completion_only_loss),
+            **classify(encoded, args.max_length, args.truncation_mode, args.completion_only_loss, args.prompt_weight),
         }
         rows.append(row)
         encodings[index] = encoded["input_ids"]
     if not rows:
         raise CLIError(f"no record could be tokenised; first error: {errors[0]['error']}")
-    summary = summarise(rows, errors)
+    summary = summarise(rows, errors, scan)
     shown = [r for r in rows if args.show in ("all", r["status"])][: max(args.num_examples, 0)]
     passed = args.min_found is None or summary["complete_share"] >= args.min_found
     if args.json:
@@ -319,6 +375,7 @@ def _json_report(args, summary, shown, errors, encodings, tokenizer, passed):  #
                 "token_texts": texts,
                 "key_mask": row["key"],
                 "trained_mask": row["trained"],
+                "weights": row["weights"],
                 "key_text": "".join(t for t, k in zip(texts, row["key"]) if k),
             }
         )
@@ -361,4 +418,19 @@ def _print_report(args, records, summary, shown, errors, encodings, tokenizer) -
             f"{row['trained_tokens']} trained tokens ({row['tokens']} in all)"
             + (f", key in {row['turns_found']} of {row['turns']} assistant turns" if row["turns"] > 1 else "")
         )
-        print(render_tokens(texts, row["key"], row["trained"], row["kept"], color))
+        trained = row["trained"] if row["weights"] is None else [int(w > 0) for w in row["weights"]]
+        print(render_tokens(texts, row["key"], trained, row["kept"], color))
+        if row["weights"] is not None:
+            print(f"token weights: {weight_runs(row['weights'])}")
+
+
+def weight_runs(weights: Sequence[float]) -> str:
+    """Each token's data weight, as runs of equal weights: ``tokens 0-17: 0; 18-38: 0.5; ...``."""
+    runs = []
+    start = 0
+    for index in range(1, len(weights) + 1):
+        if index == len(weights) or weights[index] != weights[start]:
+            span = f"{start}" if index - 1 == start else f"{start}-{index - 1}"
+            runs.append(f"{span}: {weights[start]:g}")
+            start = index
+    return "tokens " + "; ".join(runs)
