@@ -328,11 +328,11 @@ def _header(recipe: Recipe, arm: str) -> list[str]:
         )
         if recipe.setup == "fsdp":
             lines.append(
-                "  accelerate launch --config_file recipes/trl/accelerate/fsdp2_8gpu.yaml recipes/trl/train.py "
+                "  accelerate launch --config_file recipes/trl/accelerate/fsdp2_8gpu.yaml -m sftkey_plugin.cli.train "
                 f"--config {path}"
             )
         else:
-            lines.append(f"  CUDA_VISIBLE_DEVICES=0 python recipes/trl/train.py --config {path}")
+            lines.append(f"  CUDA_VISIBLE_DEVICES=0 sftkey train --config {path}")
     lines += [
         "",
         'Comments below: "paper" = the value in arXiv 2512.21017; "ours" = our choice (the paper does not say).',
@@ -472,7 +472,7 @@ def trl_entries(recipe: Recipe, arm: str) -> list[Any]:
             ("bnb_4bit_quant_type", "nf4", "ours"),
         ]
     entries += [
-        "# --- data (trl.ScriptArguments; train.py also reads local .jsonl/.json/.parquet files) ---",
+        "# --- data (trl.ScriptArguments; sftkey train also reads local .jsonl/.json/.parquet files) ---",
         ("dataset_name", _data_file(recipe), "written by the data step above"),
         ("dataset_train_split", "train", None),
     ]
