@@ -46,6 +46,15 @@ MODES: dict[str, dict[str, Any]] = {
         **PER_TOKEN,
     },
 }
+# the runs of the 2-process launch: every mode, and weighted with weights from the data (tests/test_data_weights.py)
+RUNS: dict[str, dict[str, Any]] = {
+    **MODES,
+    "weighted_data": {
+        **MODES["weighted"],
+        "sftkey_prompt_weight": 0.1,
+        "sftkey_example_weight_field": "score",
+    },
+}
 # With 2 processes and 2 rows each, step k gives rows 4k, 4k+1 to process 0 and rows 4k+2, 4k+3 to process 1
 # (sequential sampler, accelerate's batch sharding). These rows have no key span: process 1 has no key token in
 # steps 1 and 3, and step 4 has none on either process.
@@ -75,6 +84,15 @@ def mixed_records(n: int = GLOBAL_BATCH * STEPS, seed: int = 21) -> list[dict[st
     records = arithmetic_records(n, seed=seed, form="prompt_completion")
     plain = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
     return [keyless_record(i) if i in KEYLESS_ROWS else r for i, r in enumerate(plain)]
+
+
+def with_data_weights(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with an example weight ``score`` on each and a weight on every third completion message."""
+    weighted = []
+    for index, record in enumerate(records):
+        completion = [{**m, "weight": 0.5 * (index % 4)} if index % 3 == 0 else m for m in record["completion"]]
+        weighted.append({**record, "completion": completion, "score": 0.5 + 0.25 * (index % 5)})
+    return weighted
 
 
 class GradientRecorder(TrainerCallback):
@@ -154,16 +172,17 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overri
     """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights.
     ``overrides``: more ``trainer_for`` arguments (gradient accumulation, the FSDP worker's)."""
     recorder = GradientRecorder()
+    records = mixed_records()
     trainer = trainer_for(
         tiny_dir,
-        mixed_records(),
+        with_data_weights(records) if "sftkey_example_weight_field" in RUNS[mode] else records,
         out,
         sftkey=True,
         sftkey_on_missing="keep",
         max_steps=STEPS,
         per_device_train_batch_size=per_device_batch,
         max_grad_norm=0.0,  # compare raw gradients, not clipped ones
-        **MODES[mode],
+        **RUNS[mode],
         **overrides,
     )
     trainer.add_callback(recorder)
@@ -175,7 +194,7 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overri
 def main_modes(tiny_dir: str, out_dir: str) -> None:
     """Every mode on this process group; rank 0 keeps the shared results, every rank its own micro-batches."""
     rank = int(os.environ.get("RANK", "0"))
-    for mode in MODES:
+    for mode in RUNS:
         result = run_mode(tiny_dir, str(Path(out_dir) / f"run-{mode}"), mode, GLOBAL_BATCH // 2)
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{mode}.pt")

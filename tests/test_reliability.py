@@ -29,6 +29,7 @@ from multiprocess_worker import (
     INTERRUPT_AT,
     INTERRUPT_STEPS,
     MODES,
+    RUNS,
     interrupt_records,
     run_mode,
 )
@@ -193,7 +194,7 @@ def assert_same_training(mode: str, multi: dict[str, Any], single: dict[str, Any
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", list(RUNS))
 def test_two_processes_equal_one_process(tiny_dir: str, tmp_path: Path, two_process_runs: Path, mode: str) -> None:
     """Losses, metrics, every step's gradients and the final weights match; a process without key tokens is fine."""
     multi = torch.load(two_process_runs / f"{mode}.pt")
