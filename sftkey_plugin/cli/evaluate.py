@@ -425,7 +425,7 @@ def format_comparison(result: Mapping[str, Any], name_a: str, name_b: str) -> st
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
-    """A causal LM on the chosen device (float32 on CPU unless told otherwise)."""
+    """A causal LM, or a PEFT adapter on its base model, on the chosen device (float32 on CPU unless told otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -434,7 +434,14 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
     chosen = (
         torch.float32 if dtype == "auto" and device == "cpu" else dtype if dtype == "auto" else getattr(torch, dtype)
     )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=chosen)
+    if (Path(path) / "adapter_config.json").exists():
+        # a PEFT adapter folder: its base model with the adapter (Axolotl saves the base's config.json beside it,
+        # which AutoModelForCausalLM would take for a full checkpoint)
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=chosen)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=chosen)
     return model.to(device)  # type: ignore[arg-type]  # transformers decorates .to(); mypy misreads the wrapper
 
 

@@ -17,13 +17,14 @@ SFTKey (arXiv 2512.21017): chain-of-thought SFT that gives the key answer tokens
   sftkey convert IN OUT --from gsm8k          rewrite CoT data as <Thinking>...</Thinking><Answer>...</Answer>
   sftkey eval MODEL DATA                      answer accuracy and format accuracy of a model
   sftkey eval --compare A.jsonl B.jsonl       two result files side by side, with a paired bootstrap CI
+  sftkey ab CONFIG --eval EVAL --out OUT      does SFTKey help on my model? arms x seeds at equal compute, a report
   sftkey train --config cfg.yaml              TRL's `trl sft` with the sftkey_* keys (--help lists every key)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand registered."""
-    from . import convert, demo, evaluate, preview, train
+    from . import ab, convert, demo, evaluate, preview, train
 
     parser = argparse.ArgumentParser(
         prog="sftkey", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"sftkey {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (preview, convert, evaluate, demo, train):
+    for module in (preview, convert, evaluate, demo, train, ab):
         module.add_parser(subparsers)
     return parser
 

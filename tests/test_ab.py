@@ -1,0 +1,271 @@
+"""``sftkey ab``: the plan, the run (real ``sftkey train`` and ``axolotl train`` subprocesses on the tiny model, 2
+arms x 2 seeds x 3 steps), resuming after a kill, the LoRA adapter evaluated, and every bad input refused before
+training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftkey_plugin.cli.main import main as sftkey
+from sftkey_plugin.examples import arithmetic_records
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("trl")
+
+STEPS = 3
+ARMS_FILE = {"mine": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}}
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trl_setup(tiny_dir, tmp_path_factory) -> dict:
+    """A TRL YAML (the tiny model with LoRA, 12 rows in batches of 4, one epoch: 3 steps), an eval set, an arms file."""
+    root = tmp_path_factory.mktemp("ab_trl")
+    config = {
+        "model_name_or_path": tiny_dir,
+        "dataset_name": str(_write_jsonl(root / "train.jsonl", arithmetic_records(12, seed=3))),
+        "dtype": "float32",
+        "bf16": False,
+        "num_train_epochs": 1,  # ab counts the steps: 3
+        "per_device_train_batch_size": 4,
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "lr_scheduler_type": "constant",
+        "max_length": 128,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataset_num_proc": 1,
+        "dataloader_num_workers": 0,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "output_dir": "unused",
+    }
+    return {
+        "root": root,
+        "config": _write_yaml(root / "config.yaml", config),
+        "keys": config,
+        "eval": _write_jsonl(root / "eval.jsonl", arithmetic_records(6, seed=9)),
+        "arms_file": _write_yaml(root / "arms.yaml", ARMS_FILE),
+    }
+
+
+def _ab_args(setup: dict, out: Path, *extra: str, arms: str = "sft,mine", seeds: str = "0,1") -> list[str]:
+    return [
+        "ab",
+        str(setup["config"]),
+        "--eval",
+        str(setup["eval"]),
+        "--arms",
+        arms,
+        "--arms-file",
+        str(setup["arms_file"]),
+        "--seeds",
+        seeds,
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "16",
+        *extra,
+    ]
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {path.parent.name: path.stat().st_mtime_ns for path in out.glob("runs/*/trained.json")}
+
+
+@pytest.fixture(scope="module")
+def trl_run(trl_setup) -> dict:
+    """``sftkey ab`` killed (its whole process group, SIGKILL) once the second unit trains, then the same command
+    again to the end."""
+    out = trl_setup["root"] / "out"
+    second = out / "runs" / "mine-seed0"
+    command = [sys.executable, "-m", "sftkey_plugin.cli.main", *_ab_args(trl_setup, out)]
+    log = trl_setup["root"] / "killed.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not (second / "train.log").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = {"log": log.read_text(), "mtimes": _mtimes(out), "second_trained": (second / "trained.json").exists()}
+    code = sftkey(_ab_args(trl_setup, out))
+    return {"out": out, "killed": killed, "code": code, "plan": json.loads((out / "plan.json").read_text())}
+
+
+def test_the_run_killed_mid_unit_resumes_without_retraining(trl_run):
+    killed = trl_run["killed"]
+    assert list(killed["mtimes"]) == ["sft-seed0"], killed["log"][-3000:]  # killed during the second unit
+    assert not killed["second_trained"]
+    assert trl_run["code"] == 0
+    after = _mtimes(trl_run["out"])
+    assert sorted(after) == ["mine-seed0", "mine-seed1", "sft-seed0", "sft-seed1"]
+    assert after["sft-seed0"] == killed["mtimes"]["sft-seed0"]  # not retrained
+
+
+def test_every_unit_trains_the_planned_steps_with_its_arm(trl_run):
+    """The epochs counted once (12 rows / 4 = 3 steps), every unit exactly that many; each arm's SFTKey metrics."""
+    plan, out = trl_run["plan"], trl_run["out"]
+    assert plan["max_steps"] == STEPS and plan["framework"] == "trl" and plan["baseline"] == "sft"
+    assert plan["arms"] == {"sft": {"sftkey": False}, "mine": {"sftkey": True, **ARMS_FILE["mine"]}}
+    for unit in plan["units"]:
+        trained = json.loads((out / unit["dir"] / "trained.json").read_text())
+        assert trained["steps"] == STEPS
+        losses = [entry for entry in trained["log_history"] if "loss" in entry]
+        assert len(losses) == STEPS
+        assert all(("sftkey/key_weight" in entry) == (unit["arm"] == "mine") for entry in losses)
+
+
+def test_the_plan_configs_are_what_trained(trl_run):
+    """Each unit's YAML against the arguments its training saved (training_args.bin): the plan's seed, steps, output
+    folder and sftkey_* keys, the user's other keys as written."""
+    import torch
+
+    plan, out = trl_run["plan"], trl_run["out"]
+    user = yaml.safe_load(Path(plan["config"]).read_text())
+    for unit in plan["units"]:
+        config = yaml.safe_load((out / unit["config"]).read_text())
+        changed = {key for key in config if config[key] != user.get(key)}
+        assert changed <= {"seed", "data_seed", "output_dir", "max_steps", *plan["arms"][unit["arm"]]}
+        args = torch.load(out / unit["dir"] / "model" / "training_args.bin", weights_only=False)
+        for key, value in config.items():
+            if hasattr(args, key) and key != "report_to":
+                saved = getattr(args, key)
+                assert getattr(saved, "value", saved) == value, key
+        assert (args.seed, args.data_seed, args.max_steps) == (unit["seed"], unit["seed"], STEPS)
+        assert unit["command"] == [
+            sys.executable, "-m", "sftkey_plugin.cli.train", "--config", str(out / unit["config"]),
+        ]  # fmt: skip
+
+
+def test_lora_units_are_evaluated_through_their_adapter(trl_run):
+    plan, out = trl_run["plan"], trl_run["out"]
+    for unit in plan["units"]:
+        folder = out / unit["dir"]
+        assert (folder / "model" / "adapter_config.json").exists()
+        assert not (folder / "model" / "model.safetensors").exists()
+        summary = json.loads((folder / "eval.summary.json").read_text())
+        assert summary["examples"] == 6 and summary["model"] == str(folder / "model")
+        rows = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all({"correct", "format_ok"} <= set(row) for row in rows)
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    assert sftkey(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_refused_before_anything_trains(trl_setup, tmp_path, capsys):
+    """Each refusal names its cause, and nothing is planned or trained."""
+    out = tmp_path / "out"
+    no_gold = _write_jsonl(tmp_path / "no_gold.jsonl", [{"prompt": [{"role": "user", "content": "1+1?"}]}] * 2)
+    err = _refused(capsys, [*_ab_args(trl_setup, out)[:3], str(no_gold), *_ab_args(trl_setup, out)[4:]])
+    assert "no_gold.jsonl: 2 of 2 records have no gold answer (no 'answer' field" in err
+    assert "unknown arm 'sideways'" in _refused(capsys, _ab_args(trl_setup, out, arms="sft,sideways"))
+    err = _refused(capsys, _ab_args(trl_setup, out, arms="sft,sft_steps_2x"))
+    assert "unknown arm 'sft_steps_2x' (it changes the steps or the learning rate: not equal compute)" in err
+    clashing = _write_yaml(tmp_path / "clash.yaml", {**trl_setup["keys"], "sftkey_key_weight": 2, "sftkey": True})
+    err = _refused(capsys, ["ab", str(clashing), *_ab_args(trl_setup, out)[2:]])
+    assert "clash.yaml already sets sftkey, sftkey_key_weight, which the arms set" in err
+    misspelt = _write_yaml(tmp_path / "misspelt.yaml", {**trl_setup["keys"], "learning_rat": 0.1})
+    err = _refused(capsys, ["ab", str(misspelt), *_ab_args(trl_setup, out)[2:]])
+    assert "trl rejects steps.yaml: unknown keys ['learning_rat']" in err
+    bad_arm = _write_yaml(tmp_path / "bad_arm.yaml", {"odd": {"sftkey_mode": "sideways"}})
+    err = _refused(capsys, _ab_args(trl_setup, out, "--arms-file", str(bad_arm), arms="sft,odd"))
+    assert "trl rejects odd.yaml: " in err and "sideways" in err
+    assert not out.exists()
+
+
+def test_an_out_holding_another_plan_is_refused(trl_setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sftkey(_ab_args(trl_setup, out, "--dry-run")) == 0
+    plan = (out / "plan.json").read_text()
+    assert "sftkey ab report" in capsys.readouterr().out
+    assert sftkey(_ab_args(trl_setup, out, "--dry-run")) == 0  # the same plan again: accepted
+    err = _refused(capsys, _ab_args(trl_setup, out, "--dry-run", seeds="0,2"))
+    assert f"{out} holds another plan (use another --out): seeds: [0, 1] in OUT, [0, 2] now" in err
+    assert (out / "plan.json").read_text() == plan and not list(out.glob("runs/*/train.log"))
+
+
+@pytest.mark.axolotl
+def test_axolotl_loop(tiny_dir, tmp_path):
+    """An Axolotl config that counts epochs (12 rows in micro-batches of 4: Axolotl's own count, 3 steps), 2 arms
+    through `axolotl train --launcher python` (one seed: each unit costs ~40 s here, and the seeds' loop is the TRL
+    test's): the plugin listed for the SFTKey arm, every unit the planned steps, each model card holding the plan's
+    YAML, each LoRA adapter (with the base's config.json beside it) evaluated."""
+    pytest.importorskip("axolotl")
+    import torch
+
+    config = {
+        "base_model": tiny_dir,
+        "datasets": [{"path": str(_write_jsonl(tmp_path / "train.jsonl", arithmetic_records(12, seed=3))),
+                      "ds_type": "json", "type": "chat_template"}],
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "output_dir": "unused",
+        "sequence_len": 256,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "learning_rate": 0.002,
+        "optimizer": "sgd",
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "lora_mlp_kernel": False,  # Axolotl's LoRA kernels need CUDA
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "lora_embedding_kernel": False,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "flash_attention": False,
+        "attn_implementation": "sdpa",
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "val_set_size": 0,
+        "dataset_num_proc": 1,
+    }  # fmt: skip
+    path = _write_yaml(tmp_path / "axolotl.yaml", config)
+    eval_data = _write_jsonl(tmp_path / "eval.jsonl", arithmetic_records(4, seed=9))
+    out = tmp_path / "out"
+    argv = ["ab", str(path), "--eval", str(eval_data), "--arms", "sft,weighted_x2", "--seeds", "0", "--out", str(out)]
+    assert sftkey([*argv, "--launcher", "python", "--max-new-tokens", "16"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["framework"] == "axolotl" and plan["max_steps"] == STEPS
+    for unit in plan["units"]:
+        folder = out / unit["dir"]
+        assert unit["command"][1:] == ["train", str(out / unit["config"]), "--launcher", "python"]
+        ran = yaml.safe_load((folder / "config.yaml").read_text())
+        assert ("plugins" in ran) == (unit["arm"] == "weighted_x2")
+        card = (folder / "model" / "README.md").read_text()
+        assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) == ran  # the YAML Axolotl trained
+        args = torch.load(next(folder.glob("model/checkpoint-*/training_args.bin")), weights_only=False)
+        assert (args.seed, args.max_steps) == (unit["seed"], STEPS)
+        trained = json.loads((folder / "trained.json").read_text())
+        assert trained["steps"] == STEPS
+        assert any("sftkey/key_weight" in entry for entry in trained["log_history"]) == (unit["arm"] != "sft")
+        assert (folder / "model" / "adapter_config.json").exists()
+        assert json.loads((folder / "eval.summary.json").read_text())["examples"] == 4
