@@ -2,6 +2,7 @@
 
 ``TrainingRecorder`` records an Axolotl run the way ``multiprocess_worker.run_mode`` records a TRL run, so both go
 through the same comparison; each process saves ``<output_dir>/record-rank<RANK>.pt`` when training ends.
+``BatchRecorder`` also keeps the tensors of every training micro-batch as the loss received them (``batches``).
 ``StallAfterCheckpointPlugin`` makes a run hang after a checkpoint, to be killed. ``AllowFSDPOnCPU`` lets an
 ``fsdp_config`` run really shard on CPU processes (``sharded_worker.allow_fsdp_on_cpu``). Each of them gives its
 process the tests' clean exit (``process_exit``), which the tests check for every process of the run.
@@ -27,7 +28,8 @@ class _SaveRecord(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         rank = os.environ.get("RANK", "0")
-        torch.save(training_record(self.trainer, self.gradients), Path(args.output_dir) / f"record-rank{rank}.pt")
+        record = {**training_record(self.trainer, self.gradients), "batches": getattr(self.trainer, "batches", None)}
+        torch.save(record, Path(args.output_dir) / f"record-rank{rank}.pt")
 
 
 class CleanExitPlugin(BasePlugin):
@@ -43,6 +45,21 @@ class TrainingRecorder(CleanExitPlugin):
         record_micro_batches(trainer)
         gradients = GradientRecorder()
         return [gradients, _SaveRecord(trainer, gradients)]
+
+
+class BatchRecorder(TrainingRecorder):
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[TrainerCallback]:
+        callbacks = super().add_callbacks_post_trainer(cfg, trainer)
+        compute_loss = trainer.compute_loss
+        trainer.batches = []
+
+        def recording(model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            if trainer.model.training:  # copied before the loss takes the SFTKey columns out
+                trainer.batches.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
+            return compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        trainer.compute_loss = recording
+        return callbacks
 
 
 class StallAfterCheckpointPlugin(CleanExitPlugin):

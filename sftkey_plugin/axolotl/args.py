@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from ..config import SFTKEY_FIELDS, SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments, weighs_tokens
+from ..config import (
+    SFTKEY_FIELDS,
+    SFTKeyArguments,
+    sftkey_arguments_from,
+    validate_sftkey_arguments,
+    weighs_tokens,
+)
 
 PLUGIN_NAME = "sftkey_plugin.axolotl.SFTKeyPlugin"
 STRATEGY_TYPE = "sftkey_plugin.axolotl.strategy"
@@ -40,6 +46,15 @@ def _refuse(setting: str, why: str, change: str) -> None:
 
 def _truthy(value: Any) -> bool:
     return bool(value) and value not in ("false", "False", "0")
+
+
+FUSED_LOSSES = ("cut_cross_entropy", "liger_fused_linear_cross_entropy")
+
+
+def fused_loss(cfg: Any) -> str | None:
+    """The fused loss the config turns on (lm_head and cross-entropy in one kernel, no per-token losses), or None."""
+    get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name, None)
+    return next((name for name in FUSED_LOSSES if get(name)), None)
 
 
 class _SFTKeyValidators(BaseModel):
@@ -143,17 +158,15 @@ class _SFTKeyValidators(BaseModel):
             validate_sftkey_arguments(arguments)
         except ValueError as error:
             raise ValueError(f"SFTKey: {error}") from error
-        if weighs_tokens(arguments):
-            fused = [
-                name for name in ("cut_cross_entropy", "liger_fused_linear_cross_entropy") if getattr(self, name, None)
-            ]
-            if fused:
-                _refuse(
-                    f"{fused[0]}: true in sftkey_mode: {arguments.sftkey_mode} with token weights other than 0 and 1",
-                    "a fused loss returns no per-token losses to weight",
-                    f"Set {fused[0]}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only, "
-                    "which keep the fused loss.",
-                )
+        fused = fused_loss(self)
+        if weighs_tokens(arguments) and fused:
+            _refuse(
+                f"{fused}: true in sftkey_mode: {arguments.sftkey_mode} with token weights other than 0 and 1",
+                "a fused loss returns no per-token losses to weight",
+                f"Set {fused}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only (and an "
+                "sftkey_prompt_weight of 0 or 1), which keep the fused loss.",
+            )
+        _check_data_weights(self, arguments)
         if getattr(self, "liger_use_token_scaling", None):
             _refuse(
                 "liger_use_token_scaling: true",
@@ -161,6 +174,45 @@ class _SFTKeyValidators(BaseModel):
                 "Set liger_use_token_scaling: false.",
             )
         return self
+
+
+DATA_WEIGHT_FIELDS = ("sftkey_message_weight_field", "sftkey_example_weight_field")
+
+
+def _check_data_weights(cfg: Any, arguments: SFTKeyArguments) -> None:
+    """The data-weight keys against Axolotl's settings: a prompt weight needs prompt tokens left out of the labels,
+    and message / example weights need the records, which only the SFTKey chat_template strategy reads."""
+    if arguments.sftkey_prompt_weight > 0 and _truthy(getattr(cfg, "train_on_inputs", None)):
+        _refuse(
+            f"train_on_inputs: true and sftkey_prompt_weight: {arguments.sftkey_prompt_weight}",
+            "train_on_inputs already trains the inputs at weight 1, so no prompt token is left for the prompt weight",
+            "Set train_on_inputs: false to train the inputs at sftkey_prompt_weight, or sftkey_prompt_weight: 0.",
+        )
+    fields = [name for name in DATA_WEIGHT_FIELDS if getattr(cfg, name, None) is not None]
+    fused = fused_loss(cfg)
+    if fused and (fields or arguments.sftkey_prompt_weight > 0):
+        setting = fields[0] if fields else f"sftkey_prompt_weight: {arguments.sftkey_prompt_weight}"
+        _refuse(
+            f"{fused}: true and {setting}",
+            "data weights need per-token losses, which a fused loss does not return",
+            f"Set {fused}: false (or drop its plugin), or unset {setting.split(':')[0]}.",
+        )
+    others = [d for d in getattr(cfg, "datasets", None) or [] if _dataset_type(d) != STRATEGY_TYPE]
+    if fields and others:
+        _refuse(
+            f"{fields[0]} and a dataset of type {_dataset_type(others[0])} ({_dataset_path(others[0])})",
+            "the weights are read from the records' messages, which only type chat_template keeps (other types "
+            "reach SFTKey as tokens; their rows take sftkey_prompt_weight only)",
+            f"Use a messages dataset with type: chat_template, or unset {fields[0]}.",
+        )
+
+
+def _dataset_type(dataset: Any) -> Any:
+    return dataset.get("type") if isinstance(dataset, dict) else getattr(dataset, "type", None)
+
+
+def _dataset_path(dataset: Any) -> Any:
+    return dataset.get("path") if isinstance(dataset, dict) else getattr(dataset, "path", None)
 
 
 SFTKeyInputArgs = create_model(  # type: ignore[call-overload]

@@ -16,12 +16,13 @@ from .args import PLUGIN_NAME, STRATEGY_TYPE
 logger = logging.getLogger("sftkey_plugin")
 
 # Bump when the way the strategy marks tokens changes, so prepared datasets from older versions are not reused.
-MARKING_VERSION = 2  # 2: every trained assistant turn, reasoning_content answers, turn counts
+MARKING_VERSION = 3  # 2: every trained assistant turn, reasoning_content answers, turn counts; 3: data weights
 DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"  # axolotl.common.const, not imported to keep register() light
 
 
 def marking_fingerprint(cfg: Any) -> str:
-    """A short hash of every option that changes the prepared rows (finder, options, edge/EOS policy, drops)."""
+    """A short hash of every option that changes the prepared rows (finder, options, edge/EOS policy, drops, the
+    data-weight fields and the prompt weight)."""
     arguments = sftkey_arguments_from(cfg)
     options = arguments.sftkey_finder_options
     if isinstance(options, str):
@@ -36,6 +37,9 @@ def marking_fingerprint(cfg: Any) -> str:
         "turns": arguments.sftkey_turns,
         "reasoning_field": arguments.sftkey_reasoning_field,
         "on_missing": arguments.sftkey_on_missing,
+        "message_weight_field": arguments.sftkey_message_weight_field,
+        "example_weight_field": arguments.sftkey_example_weight_field,
+        "prompt_weight": arguments.sftkey_prompt_weight,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

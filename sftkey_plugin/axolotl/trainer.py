@@ -11,24 +11,81 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from ..collator import SFTKEY_MASK, SFTKeyDataCollator
+from ..collator import SFTKEY_COLUMNS, SFTKEY_MASK, SFTKeyDataCollator
 from ..config import SFTKeyArguments, sftkey_arguments_from, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
+from ..weights import (
+    DEFAULT_MESSAGE_FIELD,
+    SFTKEY_PROMPT,
+    SFTKEY_WEIGHT,
+    DataWeightOptions,
+    DataWeightScan,
+    compose_data_weights,
+    scan_data_weights,
+)
+from .args import fused_loss
+from .strategy import EXAMPLE_WEIGHTED, MESSAGE_WEIGHTS
 
 logger = logging.getLogger("sftkey_plugin")
 
+WEIGHT_COLUMNS = (SFTKEY_WEIGHT, SFTKEY_PROMPT, MESSAGE_WEIGHTS, EXAMPLE_WEIGHTED)
+WEIGHTED = "sftkey_weighted"  # what marked_rows_stats reads of a row: the record had a message or example weight
 
-def dataset_stats(dataset: Any, name: str) -> KeyDataStats:
-    """Counts of one prepared Axolotl dataset (rows with ``labels`` and ``sftkey_mask``)."""
-    columns = ["labels", *(c for c in TURN_COLUMNS if c in dataset.column_names)]
+
+def dataset_stats(dataset: Any, name: str, options: DataWeightOptions) -> tuple[KeyDataStats, DataWeightScan]:
+    """Counts of one prepared Axolotl dataset (rows with ``labels`` and ``sftkey_mask``, and the data-weight columns
+    unless they were found off and removed), and what its rows hold of data weights."""
+    columns = [c for c in ("labels", *TURN_COLUMNS, *WEIGHT_COLUMNS) if c in dataset.column_names]
     batches = dataset.select_columns(columns).iter(batch_size=1000)
-    return marked_rows_stats(name, (dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())))
+    scan = DataWeightScan(options)
+    weighted = SFTKEY_WEIGHT in columns
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for row in (dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())):
+            scan.records += 1
+            if weighted:
+                row[WEIGHTED] = int(row[MESSAGE_WEIGHTS] > 0 or row[EXAMPLE_WEIGHTED] > 0)
+                scan.weighted_records += row[WEIGHTED]
+                scan.message_weights += row[MESSAGE_WEIGHTS]
+                scan.example_weights += row[EXAMPLE_WEIGHTED]
+            yield row
+
+    stats = marked_rows_stats(name, rows())
+    if not scan.active:
+        stats.weighted_records = None  # data weights off: the summary says nothing of them
+    return stats, scan
+
+
+def check_weight_fields_found(scan: DataWeightScan, name: str) -> None:
+    """The core's refusal of a weight field set by name that no record has, on the counts of prepared rows: a field
+    some row had is left out of the options checked, so only a field no row had can raise."""
+    options = scan.options
+    scan_data_weights(
+        (),
+        DataWeightOptions(
+            options.message_field if not scan.message_weights else DEFAULT_MESSAGE_FIELD,
+            options.example_field if not scan.example_weights else None,
+        ),
+        name,
+    )
+
+
+def mark_fallback_row(
+    example: dict[str, Any], tokenizer: Any, marking: MarkingOptions, prompt_weight: float
+) -> dict[str, Any]:
+    """A row of a type other than chat_template, marked from its own tokens: its record is gone, so it has no message
+    or example weight (the validators refuse those fields), and the prompt weight goes where its labels are -100."""
+    marked = mark_token_ids(example, tokenizer, marking)
+    ids = example["input_ids"]
+    composed = compose_data_weights(ids, example["labels"], [1.0] * len(ids), 1.0, prompt_weight)
+    return {**marked, **composed, MESSAGE_WEIGHTS: 0, EXAMPLE_WEIGHTED: 0}
 
 
 PRE_DROP_STATS = "_sftkey_pre_drop_stats"  # a cfg entry: the counts of each dataset before its rows were dropped
@@ -52,13 +109,26 @@ def mark_count_and_apply_policy(
     Axolotl's prompt strategy knew the text), count them, refuse what ``sftkey_on_missing: error`` and (for the
     training data) ``sftkey_min_found`` refuse, then drop the rows without a key under ``sftkey_on_missing: drop``:
     counted before anything is dropped, as on the TRL side."""
+    options = DataWeightOptions.from_arguments(arguments)
     if SFTKEY_MASK not in dataset.column_names:
+        marking = MarkingOptions.from_arguments(arguments)
         dataset = dataset.map(
-            mark_token_ids,
-            fn_kwargs={"tokenizer": tokenizer, "marking": MarkingOptions.from_arguments(arguments)},
+            mark_fallback_row,
+            fn_kwargs={"tokenizer": tokenizer, "marking": marking, "prompt_weight": options.prompt_weight},
             desc=f"SFTKey marking {name} rows",
         )
-    stats = dataset_stats(dataset, name)
+    stats, scan = dataset_stats(dataset, name, options)
+    if scan.active:
+        check_weight_fields_found(scan, name)
+        fused = fused_loss(cfg)
+        if fused:
+            raise ValueError(
+                f"SFTKey: the {name} data carries weights (message weights in '{options.message_field}'), which "
+                f"need per-token losses, and {fused}: true returns only a total. Set {fused}: false (or drop its "
+                "plugin), or remove the weights from the data."
+            )
+    elif SFTKEY_WEIGHT in dataset.column_names:  # data weights off: the rows are those of a run without them
+        dataset = dataset.remove_columns([SFTKEY_WEIGHT, SFTKEY_PROMPT])
     if stats.missing and arguments.sftkey_on_missing == "error":
         raise missing_keys_error(stats)
     if name == "train":  # before the first step
@@ -120,7 +190,8 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
         )
         # the counts from before the rows without a key were dropped, where SFTKeyPlugin.load_datasets dropped them
         stats = (self._sftkey_cfg.get(PRE_DROP_STATS) or {}).get(name, stats)
-        setattr(self, attribute, dataset.remove_columns([c for c in TURN_COLUMNS[1:] if c in dataset.column_names]))
+        counts = (*TURN_COLUMNS[1:], MESSAGE_WEIGHTS, EXAMPLE_WEIGHTED)
+        setattr(self, attribute, dataset.remove_columns([c for c in counts if c in dataset.column_names]))
         return stats
 
     def _sftkey_wrap_collators(self) -> None:
@@ -171,5 +242,5 @@ class SFTKeyAxolotlTrainer(SFTKeyLossMixin, AxolotlTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and SFTKEY_MASK not in self._signature_columns:
-            self._signature_columns.append(SFTKEY_MASK)
+        if self._signature_columns is not None:
+            self._signature_columns.extend(c for c in SFTKEY_COLUMNS if c not in self._signature_columns)

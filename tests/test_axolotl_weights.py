@@ -1,0 +1,262 @@
+"""Weights from the data on Axolotl (message, example and prompt weights): the strategy's rows against a hand
+derivation from Axolotl's own labels, one real ``axolotl train`` step (packed, accumulated) against the hand-computed
+loss and gradients, the refusals, and the counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("axolotl")
+
+from test_axolotl import LISTED, PLUGIN, SFTKEY_ON, _config, _strategy, _tokenize, axolotl_env, recorded_run, workdir
+from test_trl import GRAD_RTOL, assert_gradients_close
+
+from sftkey_plugin.examples import arithmetic_records
+from sftkey_plugin.tokenize import trained_segments
+
+pytestmark = pytest.mark.axolotl
+
+__all__ = ["axolotl_env", "workdir"]  # the fixtures, used by name
+
+KEY, OTHER, PROMPT = 2.0, 0.5, 0.1
+DATA_WEIGHTS = {
+    "sftkey_mode": "weighted",
+    "sftkey_key_weight": KEY,
+    "sftkey_other_weight": OTHER,
+    "sftkey_prompt_weight": PROMPT,
+    "sftkey_example_weight_field": "score",
+}
+# per record: the weights of its assistant messages (None: no weight field, so 1) and its example weight
+MESSAGE_WEIGHTS = [[0.5, 2.0], [0.0], [None], [3.0], [None], [1.5], [None], [0.25]]
+EXAMPLE_WEIGHTS = [1.5, None, 2.0, 0.25, None, 1.0, 3.0, None]
+
+
+def weighted_records() -> list[dict]:
+    """Eight chats, the first of two turns, with message and example weights, or neither."""
+    records = arithmetic_records(9, seed=6, form="messages")
+    records[0]["messages"] += records.pop()["messages"]
+    for record, messages, example in zip(records, MESSAGE_WEIGHTS, EXAMPLE_WEIGHTS):
+        answers = [m for m in record["messages"] if m["role"] == "assistant"]
+        for message, weight in zip(answers, messages, strict=True):
+            if weight is not None:
+                message["weight"] = weight
+        record["score"] = example  # None: absent (as a JSON loader fills a column some records lack)
+    return records
+
+
+def hand_weights(labels: list[int], messages: list[float | None], example: float | None) -> list[float]:
+    """Each token's data weight, from Axolotl's own labels (one run of trained tokens per assistant message): the
+    message weight times the example weight on each run, the prompt weight times it on every other token but the
+    first."""
+    example = 1.0 if example is None else example
+    weights = [PROMPT * example] * len(labels)
+    weights[0] = 0.0
+    for (start, end), message in zip(trained_segments(labels), messages, strict=True):
+        weights[start:end] = [(1.0 if message is None else message) * example] * (end - start)
+    return weights
+
+
+@pytest.fixture(scope="module")
+def weighted_data(workdir) -> str:
+    path = workdir["root"] / "weighted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in weighted_records()), encoding="utf-8")
+    return str(path)
+
+
+def _data_config(workdir, data: str, **overrides) -> dict:
+    config = _config(workdir, "weights", {**SFTKEY_ON, **DATA_WEIGHTS, **overrides})
+    config["datasets"] = [{"path": data, "ds_type": "json", "type": "chat_template"}]
+    return config
+
+
+def _plain_rows(axolotl_env, workdir, records) -> list[dict]:
+    """The records tokenised by Axolotl's own chat_template strategy (SFTKey off)."""
+    config = _config(workdir, "plain", {})
+    return _tokenize(_strategy(axolotl_env, config)[2], copy.deepcopy(records))
+
+
+def test_rows_carry_the_hand_derived_weights(axolotl_env, workdir, weighted_data):
+    """Each row: Axolotl's trained tokens weigh message x example, every other token but the first gets its label
+    back and weighs prompt x example (sftkey_prompt 1); the key mask is that of the row without data weights. Where
+    Axolotl's tokens differ from the render, the runs of trained tokens carry the message weights."""
+    records = weighted_records()
+    plain = _plain_rows(axolotl_env, workdir, records)
+    _, _, strategy = _strategy(axolotl_env, _data_config(workdir, weighted_data))
+    rows = _tokenize(strategy, copy.deepcopy(records))
+    _, _, unweighted = _strategy(axolotl_env, _config(workdir, "unweighted", SFTKEY_ON))
+    for record, row, base, messages, example in zip(records, rows, plain, MESSAGE_WEIGHTS, EXAMPLE_WEIGHTS):
+        assert row["input_ids"] == base["input_ids"]
+        expected = hand_weights(base["labels"], messages, example)
+        assert row["sftkey_weight"] == pytest.approx(expected)
+        prompt = [int(i > 0 and label == -100) for i, label in enumerate(base["labels"])]
+        assert row["sftkey_prompt"] == prompt
+        assert row["labels"] == [t if p else label for t, label, p in zip(base["input_ids"], base["labels"], prompt)]
+        assert row["sftkey_mask"] == _tokenize(unweighted, [copy.deepcopy(record)])[0]["sftkey_mask"]
+    assert [row["sftkey_message_weights"] for row in rows] == [sum(w is not None for w in m) for m in MESSAGE_WEIGHTS]
+    assert [row["sftkey_example_weighted"] for row in rows] == [int(e is not None) for e in EXAMPLE_WEIGHTS]
+
+    # Axolotl's tokens and the render disagree (one more token): the runs of its trained tokens are the messages
+    base, record = plain[0], records[0]
+    ids, labels = [*base["input_ids"], strategy.tokenizer.eos_token_id], [*base["labels"], -100]
+    fallback = strategy.key_mask(copy.deepcopy(record), ids, labels)
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    assert [fallback["sftkey_weight"][i] for i in trained] == pytest.approx(
+        [hand_weights(labels, MESSAGE_WEIGHTS[0], EXAMPLE_WEIGHTS[0])[i] for i in trained]
+    )
+
+
+def _record_with(change) -> dict:
+    record = copy.deepcopy(weighted_records()[3])
+    change(record)
+    return record
+
+
+def _set_message(index: int, value):  # type: ignore[no-untyped-def]
+    return lambda record: record["messages"][index].__setitem__("weight", value)
+
+
+BAD = [
+    (_set_message(1, -1.0), "negative weights are not unlikelihood training"),
+    (_set_message(1, math.nan), "weights must be finite"),
+    (_set_message(1, math.inf), "weights must be finite"),
+    (_set_message(1, "high"), "is not a number ('high')"),
+    (_set_message(0, 2.0), "only assistant messages are trained"),
+    (lambda record: record.__setitem__("score", -0.5), "'score' is negative"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_weights_stop_the_run_showing_the_record(axolotl_env, workdir, weighted_data, change, message):
+    _, _, strategy = _strategy(axolotl_env, _data_config(workdir, weighted_data))
+    record = _record_with(change)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        _tokenize(strategy, [record])
+    assert record["messages"][0]["content"] in str(error.value)  # the record is shown
+
+
+def _prepared(axolotl_env, workdir, config, records):
+    """The records as Axolotl prepares them (this config's strategy), counted, refused or cleaned as the trainer does
+    before the first step: ``(dataset, stats)``."""
+    from datasets import Dataset
+
+    from sftkey_plugin.axolotl.trainer import mark_count_and_apply_policy
+    from sftkey_plugin.config import sftkey_arguments_from
+
+    cfg, tokenizer, strategy = _strategy(axolotl_env, config)
+    rows = _tokenize(strategy, copy.deepcopy(records))
+    return mark_count_and_apply_policy(Dataset.from_list(rows), "train", tokenizer, sftkey_arguments_from(cfg), cfg)
+
+
+def test_counts_and_data_weights_found_off(axolotl_env, workdir, weighted_data):
+    """The counts go into the train-start line; without weights in the data (nor an example field or a prompt
+    weight) the columns are removed, so the run trains on the rows of a run without data weights; a weight field set
+    by name that no record has is an error."""
+    records = weighted_records()
+    dataset, stats = _prepared(axolotl_env, workdir, _data_config(workdir, weighted_data), records)
+    assert {"sftkey_weight", "sftkey_prompt"} <= set(dataset.column_names)
+    weights = [w for row in dataset for w, label in zip(row["sftkey_weight"], row["labels"]) if label != -100]
+    line = stats.summary_line()
+    assert f"data weights: 7 of 8 records weighted, mean token weight {sum(weights) / len(weights):.3g}" in line
+    assert f"{weights.count(0.0)} tokens at weight 0" in line and weights.count(0.0) > 0
+
+    unweighted = [{"messages": [{k: v for k, v in m.items() if k != "weight"} for m in r["messages"]]} for r in records]
+    off = _config(workdir, "off", SFTKEY_ON)
+    dataset, stats = _prepared(axolotl_env, workdir, off, unweighted)
+    assert (
+        not {"sftkey_weight", "sftkey_prompt"} & set(dataset.column_names)
+        and "data weights" not in stats.summary_line()
+    )
+    with pytest.raises(ValueError, match="sftkey_example_weight_field='score', but no train record has that field"):
+        _prepared(axolotl_env, workdir, {**off, "sftkey_example_weight_field": "score"}, unweighted)
+
+
+REFUSED = [
+    ({"train_on_inputs": True}, "train_on_inputs: true and sftkey_prompt_weight: 0.1"),
+    ({"datasets": "ALPACA"}, "sftkey_example_weight_field and a dataset of type alpaca"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), REFUSED, ids=[m for _, m in REFUSED])
+def test_settings_that_contradict_data_weights_are_refused(axolotl_env, workdir, overrides, message):
+    config = _config(workdir, "refused", {**SFTKEY_ON, **DATA_WEIGHTS, **overrides})
+    with pytest.raises(Exception, match="SFTKey \\(sftkey: true\\) cannot be used with") as error:
+        axolotl_env(config)
+    assert message in str(error.value)
+
+
+def test_fused_loss_is_refused_with_data_weights(axolotl_env, workdir, weighted_data):
+    """As ``weighted`` with weights other than 0 and 1: a fused loss has no per-token losses to weigh, so a prompt
+    weight (even 1) or a weight field is refused by the config, and message weights found in the data (the default
+    field) before the first step. Registers the Liger plugin in Axolotl's plugin singleton."""
+    config = {**_data_config(workdir, weighted_data), "plugins": [PLUGIN, "axolotl.integrations.liger.LigerPlugin"]}
+    config.update(liger_fused_linear_cross_entropy=True, sftkey_mode="two_stage")  # a mode the fused loss keeps
+    for name in ("sftkey_key_weight", "sftkey_other_weight"):
+        del config[name]
+    for settings in ({"sftkey_prompt_weight": 1.0, "sftkey_example_weight_field": None}, {"sftkey_prompt_weight": 0}):
+        with pytest.raises(Exception, match="liger_fused_linear_cross_entropy: true and sftkey_"):
+            axolotl_env({**config, **settings})
+    only_messages = {k: v for k, v in config.items() if k not in DATA_WEIGHTS}
+    with pytest.raises(ValueError, match="liger_fused_linear_cross_entropy: true returns only a total"):
+        _prepared(axolotl_env, workdir, only_messages, weighted_records())
+
+
+def test_packed_accumulated_step_equals_the_hand_computation(axolotl_env, workdir, weighted_data, tiny_dir, tokenizer):
+    """One optimizer step of ``axolotl train`` (sample packing, 2 accumulated bins) over chats with message, example
+    and prompt weights in weighted mode (key 2.0 / other 0.5): the loss and gradients are ``sum(w * nll) / n``
+    computed here from the records, ``w`` the hand-derived data weight times KEY or OTHER on completion tokens (the
+    trained tokens of Axolotl's own labels; key tokens from the batch's key mask, checked elsewhere), ``n`` the
+    tokens of weight != 0, each record's NLL from its own forward."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = {
+        **DATA_WEIGHTS,
+        "datasets": [{"path": weighted_data, "ds_type": "json", "type": "chat_template"}],
+        "plugins": ["axolotl_recorder.BatchRecorder", *LISTED],
+        "sample_packing": True,
+        "pad_to_sequence_len": True,
+        "sequence_len": 256,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 1,
+    }
+    record = recorded_run(workdir, "data_weights_packed", overrides)
+    records = weighted_records()
+    plain = {tuple(r["input_ids"]): (r["labels"], i) for i, r in enumerate(_plain_rows(axolotl_env, workdir, records))}
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    total, count, seen = 0.0, 0, []
+    assert len(record["batches"]) == 2
+    for batch in record["batches"]:
+        ids, positions, key_mask = batch["input_ids"][0], batch["position_ids"][0], batch["sftkey_mask"][0]
+        starts = (positions == 0).nonzero().flatten().tolist()
+        placed = 0
+        for start in starts:
+            match = next(((k, v) for k, v in plain.items() if ids[start : start + len(k)].tolist() == list(k)), None)
+            if match is None:
+                continue  # the padding after the last row
+            row_ids, (labels, index) = match
+            seen.append(index)
+            placed += len(row_ids)
+            weights = hand_weights(labels, MESSAGE_WEIGHTS[index], EXAMPLE_WEIGHTS[index])
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([row_ids])).logits[0, :-1].float(), dim=-1)
+            for t in range(1, len(row_ids)):
+                mode = 1.0 if labels[t] == -100 else KEY if key_mask[start + t] else OTHER
+                w = weights[t] * mode
+                if w != 0:
+                    total = total + w * -log_probs[t - 1, row_ids[t]]
+                    count += 1
+        # every packed token belongs to a record, but the padding after the last one
+        assert ids[placed:].eq(tokenizer.pad_token_id).all() and batch["labels"][0][placed:].eq(-100).all()
+    expected = total / count
+    expected.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    print(f"\nAxolotl packed data-weight step: records {seen}, loss {record['logs'][0]['loss']:.6f}")
+    assert len(seen) == len(set(seen)) >= 3 and 0 in seen  # the two-turn record is in the step
+    assert record["logs"][0]["loss"] == pytest.approx(float(expected.detach()), rel=GRAD_RTOL)
+    assert "sftkey/mean_weight" in record["logs"][0]
+    assert_gradients_close(record["grads"][0], grads)
