@@ -151,6 +151,9 @@ def test_plain_sft_with_data_weights_needs_no_key(tiny_dir, tmp_path):
         record["completion"][0]["content"] = "no answer here"
         record["completion"][0]["weight"] = weight
     trainer = trainer_for(tiny_dir, records, tmp_path, sftkey=True, sftkey_mode="weighted", max_steps=1, **PER_TOKEN)
+    assert not any(1 in mask for mask in trainer.train_dataset["sftkey_mask"])
+    weights = [set(row) - {0.0} for row in trainer.train_dataset["sftkey_weight"]]
+    assert weights == [{0.5}, {2.0}, {1.0}, set()]
     trainer.train()
     assert math.isfinite(losses(trainer)[0])
 
