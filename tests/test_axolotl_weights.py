@@ -260,3 +260,26 @@ def test_packed_accumulated_step_equals_the_hand_computation(axolotl_env, workdi
     assert record["logs"][0]["loss"] == pytest.approx(float(expected.detach()), rel=GRAD_RTOL)
     assert "sftkey/mean_weight" in record["logs"][0]
     assert_gradients_close(record["grads"][0], grads)
+
+
+def test_preview_shows_the_counts_and_each_tokens_weight(workdir, weighted_data):
+    """``axolotl sftkey-preview``: the data-weight counts in the summary, and each token's weight where it changes
+    (the first record: prompt 0.1 x 1.5, its answers 0.5 x 1.5 and 2.0 x 1.5)."""
+    from axolotl.cli.main import cli
+    from axolotl.cli.plugins import PluginCommand
+    from click.testing import CliRunner
+    from test_axolotl import _write, fresh_axolotl_plugins
+
+    cli.plugin_commands().setdefault(
+        "sftkey-preview", PluginCommand(target="sftkey_plugin.axolotl.preview:sftkey_preview")
+    )
+    path = _write(
+        workdir["root"] / "preview_weights.yml", {**_data_config(workdir, weighted_data), "plugins": [PLUGIN]}
+    )
+    fresh_axolotl_plugins()
+    result = CliRunner().invoke(cli, ["sftkey-preview", str(path), "-n", "1", "--no-color"])
+    assert result.exit_code == 0, result.output
+    assert "data weights: 7 of 8 records weighted" in result.output
+    example = result.output.split("--- example 1:")[1]
+    assert example.index("<x0.15>") < example.index("<x0.75>") < example.index("<x3>")
+    assert "<x0>" not in example.split("<x0.15>")[1]  # after the first token, nothing of the row is untrained

@@ -1,8 +1,9 @@
 """``axolotl sftkey-preview CONFIG.yml``: what SFTKey marks in a config's data, before a training run.
 
 Loads the config as ``axolotl train`` does (plugins, validation, normalisation), tokenises a sample of each
-dataset with the plugin's strategy, prints the key-marking summary and shows a few examples with the key tokens
-between ``[[`` and ``]]`` (coloured on a terminal; tokens without loss dimmed). It also says so when ``sftkey``
+dataset with the plugin's strategy, prints the key-marking summary (with the data-weight counts) and shows a few
+examples with the key tokens between ``[[`` and ``]]`` (coloured on a terminal; tokens without loss dimmed) and, with
+data weights, each token's weight as ``<xW>`` where it changes. It also says so when ``sftkey``
 keys are set but Axolotl would not load the plugin (0.19 without it under ``plugins:``: the keys are dropped silently).
 """
 
@@ -35,11 +36,19 @@ def plugin_warning(raw: dict[str, Any]) -> str | None:
     return None
 
 
-def _highlight(tokenizer: Any, input_ids: list[int], labels: list[int], mask: list[int], color: bool) -> str:
+def _highlight(tokenizer: Any, row: dict[str, Any], color: bool, weights: list[float] | None = None) -> str:
+    """The row's text with its key tokens between ``[[`` and ``]]`` and, given ``weights``, ``<xW>`` wherever the
+    token weight changes."""
+    from ..collator import SFTKEY_MASK
+
     pieces = []
     in_key = False
-    for token, label, key in zip(input_ids, labels, mask):
+    weight = None
+    for index, (token, label, key) in enumerate(zip(row["input_ids"], row["labels"], row[SFTKEY_MASK])):
         text = tokenizer.decode([token])
+        if weights is not None and weights[index] != weight:
+            weight = weights[index]
+            pieces.append(f"<x{weight:g}>")
         if key and not in_key:
             pieces.append(KEY_OPEN)
         if not key and in_key:
@@ -73,7 +82,8 @@ def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> 
 
     from ..collator import SFTKEY_MASK
     from ..config import sftkey_arguments_from, validate_sftkey_arguments
-    from ..tokenize import MarkingOptions, mark_token_ids
+    from ..tokenize import MarkingOptions
+    from .trainer import mark_fallback_row
 
     raw = _raw_dataset(dataset_config, cfg, sample)
     base_type, prompt_style = _parse_dataset_type(dataset_config.type)
@@ -89,8 +99,12 @@ def preview_rows(cfg: Any, tokenizer: Any, dataset_config: Any, sample: int) -> 
     arguments = sftkey_arguments_from(cfg)
     validate_sftkey_arguments(arguments)
     marking = MarkingOptions.from_arguments(arguments)
-    # rows of non-chat types get their mask from their own tokens, as the trainer marks them
-    rows = [row if SFTKEY_MASK in row else {**row, **mark_token_ids(row, tokenizer, marking)} for row in rows]
+    # rows of non-chat types get their mask (and prompt weights) from their own tokens, as the trainer marks them
+    prompt_weight = float(arguments.sftkey_prompt_weight)
+    rows = [
+        row if SFTKEY_MASK in row else {**row, **mark_fallback_row(row, tokenizer, marking, prompt_weight)}
+        for row in rows
+    ]
     kept = [row for row in rows if len(row["input_ids"]) <= cfg.sequence_len]
     return kept, len(rows) - len(kept)
 
@@ -105,10 +119,14 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.dict import DictDefault
+    from datasets import Dataset
 
     from ..collator import SFTKEY_MASK
+    from ..config import sftkey_arguments_from
     from ..stats import marked_rows_stats
+    from ..weights import SFTKEY_PROMPT, SFTKEY_WEIGHT, DataWeightOptions, DataWeightScan
     from .strategy import SFTKEY_FINDER
+    from .trainer import dataset_stats
 
     color = sys.stdout.isatty() if color is None else color
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
@@ -122,10 +140,14 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
 
     cfg = load_cfg(DictDefault(raw))
     tokenizer = load_tokenizer(cfg)
+    options = DataWeightOptions.from_arguments(sftkey_arguments_from(cfg))
     for index, dataset_config in enumerate(cfg.datasets or []):
         rows, dropped_long = preview_rows(cfg, tokenizer, dataset_config, sample)
         name = f"datasets[{index}] {dataset_config.path}"
-        stats = marked_rows_stats(name, rows)
+        if rows:  # counted as the trainer counts them (the data-weight counts when the data weighs its tokens)
+            stats, scan = dataset_stats(Dataset.from_list(rows), name, options)
+        else:
+            stats, scan = marked_rows_stats(name, rows), DataWeightScan(options)
         stats.count_policy(cfg.sftkey_on_missing or "keep")
         click.echo(stats.summary_line())
         click.echo(
@@ -135,7 +157,8 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
         )
         for number, row in enumerate(rows[:num_examples], start=1):
             n_key = sum(row[SFTKEY_MASK])
-            n_trained = sum(1 for label in row["labels"] if label != -100)
+            prompt = row.get(SFTKEY_PROMPT) or [0] * len(row["labels"])  # the prompt weight's tokens: not counted
+            n_trained = sum(1 for label, p in zip(row["labels"], prompt) if label != -100 and not p)
             finder = row.get(SFTKEY_FINDER) or "none"
             turns = (
                 f", key in {row['sftkey_turns_found']} of {row['sftkey_turns']} turns"
@@ -143,7 +166,7 @@ def sftkey_preview(config: Path, num_examples: int, sample: int, color: bool | N
                 else ""
             )
             click.echo(f"--- example {number}: finder {finder}, {n_key} key of {n_trained} trained tokens{turns} ---")
-            click.echo(_highlight(tokenizer, row["input_ids"], row["labels"], row[SFTKEY_MASK], color))
+            click.echo(_highlight(tokenizer, row, color, row.get(SFTKEY_WEIGHT) if scan.active else None))
 
 
 if __name__ == "__main__":
