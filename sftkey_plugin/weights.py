@@ -175,8 +175,15 @@ def scan_data_weights(
         scan.example_weights += weights.example is not None
         values = [*weights.messages.values(), *([weights.example] if weights.example is not None else [])]
         scan.fractional |= any(value not in (0.0, 1.0) for value in values)
-    if name != "train":
-        return scan
+    if name == "train":
+        check_weight_fields(scan, name)
+    return scan
+
+
+def check_weight_fields(scan: DataWeightScan, name: str = "train") -> None:
+    """A weight field set by name that no record of the data has is an error, not a silent 1 (the default message
+    field ``weight`` absent everywhere means no message weights)."""
+    options = scan.options
     if options.example_field is not None and not scan.example_weights:
         raise ValueError(
             f"SFTKey: sftkey_example_weight_field={options.example_field!r}, but no {name} record has that field: "
@@ -187,7 +194,6 @@ def scan_data_weights(
             f"SFTKey: sftkey_message_weight_field={options.message_field!r}, but no assistant message of the {name} "
             "records has that field: check the field name."
         )
-    return scan
 
 
 def message_token_weights(
