@@ -21,7 +21,12 @@ yaml = pytest.importorskip("yaml")
 pytest.importorskip("trl")
 
 STEPS = 3
-ARMS_FILE = {"mine": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0}}
+ARMS_FILE = {
+    "mine": {"sftkey_mode": "weighted", "sftkey_key_weight": 3.0},
+    # valid keys that fail at training: no completion holds a boxed answer
+    "broken": {"sftkey_finder": "boxed", "sftkey_on_missing": "error"},
+}
+LOOP_ARMS = "sft,mine,broken"
 
 
 def _write_jsonl(path: Path, records: list) -> Path:
@@ -96,10 +101,10 @@ def _mtimes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def trl_run(trl_setup) -> dict:
     """``sftkey ab`` killed (its whole process group, SIGKILL) once the second unit trains, then the same command
-    again to the end."""
+    again to the end; the arm ``broken`` fails in every seed."""
     out = trl_setup["root"] / "out"
     second = out / "runs" / "mine-seed0"
-    command = [sys.executable, "-m", "sftkey_plugin.cli.main", *_ab_args(trl_setup, out)]
+    command = [sys.executable, "-m", "sftkey_plugin.cli.main", *_ab_args(trl_setup, out, arms=LOOP_ARMS)]
     log = trl_setup["root"] / "killed.log"
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -109,7 +114,7 @@ def trl_run(trl_setup) -> dict:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed = {"log": log.read_text(), "mtimes": _mtimes(out), "second_trained": (second / "trained.json").exists()}
-    code = sftkey(_ab_args(trl_setup, out))
+    code = sftkey(_ab_args(trl_setup, out, arms=LOOP_ARMS))
     return {"out": out, "killed": killed, "code": code, "plan": json.loads((out / "plan.json").read_text())}
 
 
@@ -117,23 +122,38 @@ def test_the_run_killed_mid_unit_resumes_without_retraining(trl_run):
     killed = trl_run["killed"]
     assert list(killed["mtimes"]) == ["sft-seed0"], killed["log"][-3000:]  # killed during the second unit
     assert not killed["second_trained"]
-    assert trl_run["code"] == 0
     after = _mtimes(trl_run["out"])
     assert sorted(after) == ["mine-seed0", "mine-seed1", "sft-seed0", "sft-seed1"]
     assert after["sft-seed0"] == killed["mtimes"]["sft-seed0"]  # not retrained
+
+
+def test_a_failing_unit_is_recorded_and_the_others_go_on(trl_run):
+    out = trl_run["out"]
+    assert trl_run["code"] == 1
+    for seed in (0, 1):
+        failed = json.loads((out / "runs" / f"broken-seed{seed}" / "failed.json").read_text())
+        assert failed["stage"] == "train" and failed["returncode"] != 0
+        assert "12 of 12 train examples have no key span" in failed["log_tail"]
+    assert not list(out.glob("runs/broken-*/trained.json"))
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").exists() and "broken-seed0" in json.dumps(report)
 
 
 def test_every_unit_trains_the_planned_steps_with_its_arm(trl_run):
     """The epochs counted once (12 rows / 4 = 3 steps), every unit exactly that many; each arm's SFTKey metrics."""
     plan, out = trl_run["plan"], trl_run["out"]
     assert plan["max_steps"] == STEPS and plan["framework"] == "trl" and plan["baseline"] == "sft"
-    assert plan["arms"] == {"sft": {"sftkey": False}, "mine": {"sftkey": True, **ARMS_FILE["mine"]}}
-    for unit in plan["units"]:
+    assert plan["arms"] == {"sft": {"sftkey": False}, **{arm: {"sftkey": True, **ARMS_FILE[arm]} for arm in ARMS_FILE}}
+    for unit in _trained(plan):
         trained = json.loads((out / unit["dir"] / "trained.json").read_text())
         assert trained["steps"] == STEPS
         losses = [entry for entry in trained["log_history"] if "loss" in entry]
         assert len(losses) == STEPS
         assert all(("sftkey/key_weight" in entry) == (unit["arm"] == "mine") for entry in losses)
+
+
+def _trained(plan: dict) -> list[dict]:
+    return [unit for unit in plan["units"] if unit["arm"] != "broken"]
 
 
 def test_the_plan_configs_are_what_trained(trl_run):
@@ -143,7 +163,7 @@ def test_the_plan_configs_are_what_trained(trl_run):
 
     plan, out = trl_run["plan"], trl_run["out"]
     user = yaml.safe_load(Path(plan["config"]).read_text())
-    for unit in plan["units"]:
+    for unit in _trained(plan):
         config = yaml.safe_load((out / unit["config"]).read_text())
         changed = {key for key in config if config[key] != user.get(key)}
         assert changed <= {"seed", "data_seed", "output_dir", "max_steps", *plan["arms"][unit["arm"]]}
@@ -160,7 +180,7 @@ def test_the_plan_configs_are_what_trained(trl_run):
 
 def test_lora_units_are_evaluated_through_their_adapter(trl_run):
     plan, out = trl_run["plan"], trl_run["out"]
-    for unit in plan["units"]:
+    for unit in _trained(plan):
         folder = out / unit["dir"]
         assert (folder / "model" / "adapter_config.json").exists()
         assert not (folder / "model" / "model.safetensors").exists()
@@ -269,3 +289,17 @@ def test_axolotl_loop(tiny_dir, tmp_path):
         assert any("sftkey/key_weight" in entry for entry in trained["log_history"]) == (unit["arm"] != "sft")
         assert (folder / "model" / "adapter_config.json").exists()
         assert json.loads((folder / "eval.summary.json").read_text())["examples"] == 4
+
+
+def test_a_launcher_runs_the_module_form_and_counts_its_processes(trl_setup, tmp_path):
+    """`accelerate launch ... --num_processes 2`: each unit's command is the launcher's `-m` form, and the epoch is
+    counted over 2 processes (12 rows / (4 x 2) per step: 2 steps)."""
+    out = tmp_path / "out"
+    launcher = "accelerate launch --config_file fsdp.yaml --num_processes 2"
+    assert sftkey(_ab_args(trl_setup, out, "--dry-run", "--launcher", launcher)) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["max_steps"] == 2 and plan["launcher"] == launcher.split()
+    for unit in plan["units"]:
+        config = out / unit["config"]
+        assert unit["command"] == [*launcher.split(), "-m", "sftkey_plugin.cli.train", "--config", str(config)]
+        assert yaml.safe_load(config.read_text())["max_steps"] == 2
