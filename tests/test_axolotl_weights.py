@@ -176,6 +176,36 @@ def test_counts_and_data_weights_found_off(axolotl_env, workdir, weighted_data):
         _prepared(axolotl_env, workdir, {**off, "sftkey_example_weight_field": "score"}, unweighted)
 
 
+def test_other_dataset_types_take_the_prompt_weight(axolotl_env, workdir):
+    """Rows of another type (alpaca), marked by the trainer from their own tokens: every token their labels leave
+    out but the first weighs the prompt weight, the trained ones 1."""
+    from axolotl.loaders import load_tokenizer
+    from axolotl.utils.data.wrappers import get_dataset_wrapper
+    from datasets import Dataset
+
+    from sftkey_plugin.axolotl.trainer import mark_count_and_apply_policy
+    from sftkey_plugin.config import sftkey_arguments_from
+
+    # weighted 1.0 / 1.0: plain SFT with the prompt weight, which needs no key span (these rows have none)
+    overrides = {**SFTKEY_ON, "sftkey_mode": "weighted", "sftkey_prompt_weight": PROMPT, "datasets": "ALPACA"}
+    config = _config(workdir, "alpaca_prompt", overrides)
+    cfg = axolotl_env(config)
+    tokenizer = load_tokenizer(cfg)
+    records = Dataset.from_list(
+        [{"instruction": f"What is {n} + 1?", "input": "", "output": f"{n + 1}"} for n in range(3)]
+    )
+    plain, _ = get_dataset_wrapper(
+        dataset_config=cfg.datasets[0], tokenizer=tokenizer, cfg=cfg, dataset_base_type="alpaca", dataset=records
+    )
+    dataset, stats = mark_count_and_apply_policy(plain, "train", tokenizer, sftkey_arguments_from(cfg), cfg)
+    for row, base in zip(dataset, plain):
+        prompt = [int(i > 0 and label == -100) for i, label in enumerate(base["labels"])]
+        assert prompt.count(1) > 10 and row["sftkey_prompt"] == prompt
+        assert row["sftkey_weight"] == pytest.approx([PROMPT if p else float(i > 0) for i, p in enumerate(prompt)])
+        assert row["labels"] == [t if p else label for t, label, p in zip(base["input_ids"], base["labels"], prompt)]
+    assert "data weights: 0 of 3 records weighted" in stats.summary_line()
+
+
 REFUSED = [
     ({"train_on_inputs": True}, "train_on_inputs: true and sftkey_prompt_weight: 0.1"),
     ({"datasets": "ALPACA"}, "sftkey_example_weight_field and a dataset of type alpaca"),
