@@ -197,6 +197,9 @@ def test_settings_that_contradict_data_weights_are_refused(tiny_dir, tmp_path):
     messages = arithmetic_records(3, seed=4, form="messages")
     with pytest.raises(ValueError, match="needs assistant_only_loss=True"):
         trainer_for(tiny_dir, messages, tmp_path, sftkey_prompt_weight=0.1, **common)
+    sharegpt = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 2.0}]}]
+    with pytest.raises(ValueError, match=r"record 0: message 1 \(gpt\).*only assistant messages"):
+        trainer_for(tiny_dir, sharegpt, tmp_path, **common)  # read after TRL's conversion, not left out
     text = arithmetic_records(3, seed=4, form="text")
     with pytest.raises(ValueError, match="a text record is trained whole"):
         trainer_for(tiny_dir, text, tmp_path, sftkey_prompt_weight=0.1, **common)

@@ -198,12 +198,15 @@ class SFTKeyMixin(SFTKeyLossMixin):
         """TRL's preparation with the key mask made in the same tokenisation and carried through truncation, the
         ``sftkey_on_missing`` policy and packing."""
         map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc}
+        records = "input_ids" not in dataset.column_names
+        if records and formatting_func is not None:
+            dataset = dataset.map(lambda example: {args.dataset_text_field: formatting_func(example)}, **map_kwargs)
+        if records and len(dataset) and is_conversational_from_value(dataset[0]):
+            dataset = dataset.map(maybe_convert_to_chatml, remove_columns=["conversations"], **map_kwargs)
         scan = self._sftkey_scan_data_weights(dataset, args, arguments, dataset_name)
 
-        if "input_ids" not in dataset.column_names:
-            dataset = self._sftkey_tokenize(
-                dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs, scan
-            )
+        if records:
+            dataset = self._sftkey_tokenize(dataset, tokenizer, args, arguments, dataset_name, map_kwargs, scan)
         elif SFTKEY_MASK in dataset.column_names:
             dataset = dataset.map(lambda _: {"sftkey_finder": "pretokenized"}, **map_kwargs)
 
@@ -312,13 +315,9 @@ class SFTKeyMixin(SFTKeyLossMixin):
                 "message weight cannot tell apart; leave completion_only_loss at its default (True)."
             )
 
-    def _sftkey_tokenize(self, dataset, tokenizer, args, arguments, formatting_func, dataset_name, map_kwargs, scan):  # type: ignore[no-untyped-def]
-        """Raw records to ``input_ids`` + TRL's masks + ``sftkey_mask``, in one tokenisation with offsets (and each
-        token's message x example weight where data weights are on)."""
-        if formatting_func is not None:
-            dataset = dataset.map(lambda example: {args.dataset_text_field: formatting_func(example)}, **map_kwargs)
-        if is_conversational_from_value(dataset[0]):
-            dataset = dataset.map(maybe_convert_to_chatml, remove_columns=["conversations"], **map_kwargs)
+    def _sftkey_tokenize(self, dataset, tokenizer, args, arguments, dataset_name, map_kwargs, scan):  # type: ignore[no-untyped-def]
+        """Raw records (formatted, ShareGPT converted) to ``input_ids`` + TRL's masks + ``sftkey_mask``, in one
+        tokenisation with offsets (and each token's message x example weight where data weights are on)."""
         if dataset_name == "train" and len(dataset):
             marking = MarkingOptions.from_arguments(arguments)
             self._sftkey_data_form = describe_data_form(dataset[0], marking, args.dataset_text_field)
