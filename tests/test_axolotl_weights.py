@@ -140,6 +140,21 @@ def test_bad_weights_stop_the_run_showing_the_record(axolotl_env, workdir, weigh
     assert record["messages"][0]["content"] in str(error.value)  # the record is shown
 
 
+def test_a_weighed_message_the_template_alters_stops_the_run(axolotl_env, workdir, weighted_data):
+    """A template that changes the content (upper case): the message's weight cannot be placed, which stops the run
+    rather than training the message at 1."""
+    from sftkey_plugin.tiny import CHATML
+
+    template = {
+        "chat_template": "jinja",
+        "chat_template_jinja": CHATML.replace("message['content']", "message['content'] | upper"),
+    }
+    _, _, strategy = _strategy(axolotl_env, {**_data_config(workdir, weighted_data), **template})
+    with pytest.raises(ValueError, match="altered the content of assistant message"):
+        _tokenize(strategy, [weighted_records()[3]])
+    assert _tokenize(strategy, [weighted_records()[2]])[0]["sftkey_weight"]  # no message weight: nothing to place
+
+
 def _prepared(axolotl_env, workdir, config, records):
     """The records as Axolotl prepares them (this config's strategy), counted, refused or cleaned as the trainer does
     before the first step: ``(dataset, stats)``."""

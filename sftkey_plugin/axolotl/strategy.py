@@ -182,13 +182,14 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
                 example, self.tokenizer, marking, chat_template=self.prompter.chat_template, weights=self.weights
             )
         except ValueError as error:  # e.g. no assistant message: nothing to mark, nor any message weight
+            if record is not None and record.messages:  # weighed messages that cannot be placed: not a silent 1
+                raise
             logger.debug("SFTKey could not mark an example: %s", error)
             columns = TurnsMarked(mask=[0] * len(input_ids)).columns()
             return columns if record is None else {**columns, **_weight_columns(record, None, len(input_ids))}
         if list(marked["input_ids"]) != list(input_ids):
             # Axolotl's render differs from apply_chat_template's (its own turn handling): mark its tokens directly,
             # each trained turn paired with its message so that an answer whose reasoning is apart stays all key
-            trained = [i for i, turn in enumerate(turns) if self._trained(turn)]
             answers = [
                 turns[i]["content"] if marking.has_reasoning(turns[i]) else None
                 for i in answer_turns(turns, 0, "all")
@@ -196,6 +197,7 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
             ]
             columns = key_mask_from_token_ids(input_ids, labels, self.tokenizer, marking, prompt, answers).columns()
             if record is not None:  # each run of trained tokens is one trained turn
+                trained = [i for i, turn in enumerate(turns) if self._trained(turn)]
                 turn_weights = [record.messages.get(i, 1.0) * record.example_weight for i in trained]
                 by_runs = message_weights_by_runs(labels, turn_weights) if record.messages else None
                 columns.update(_weight_columns(record, by_runs, len(input_ids)))
