@@ -137,6 +137,8 @@ def test_a_failing_unit_is_recorded_and_the_others_go_on(trl_run):
     assert not list(out.glob("runs/broken-*/trained.json"))
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").exists() and "broken-seed0" in json.dumps(report)
+    (out / "report.json").unlink()
+    assert sftkey(["ab", "report", str(out)]) == 0 and (out / "report.json").exists()
 
 
 def test_every_unit_trains_the_planned_steps_with_its_arm(trl_run):
@@ -210,6 +212,9 @@ def test_bad_input_is_refused_before_anything_trains(trl_setup, tmp_path, capsys
     misspelt = _write_yaml(tmp_path / "misspelt.yaml", {**trl_setup["keys"], "learning_rat": 0.1})
     err = _refused(capsys, ["ab", str(misspelt), *_ab_args(trl_setup, out)[2:]])
     assert "trl rejects steps.yaml: unknown keys ['learning_rat']" in err
+    axolotl = _write_yaml(tmp_path / "axolotl.yaml", {"base_model": "m", "datasets": [], "save_strategy": "no"})
+    err = _refused(capsys, ["ab", str(axolotl), *_ab_args(trl_setup, out)[2:]])
+    assert "axolotl.yaml: save_strategy: no leaves no trainer_state.json" in err
     bad_arm = _write_yaml(tmp_path / "bad_arm.yaml", {"odd": {"sftkey_mode": "sideways"}})
     err = _refused(capsys, _ab_args(trl_setup, out, "--arms-file", str(bad_arm), arms="sft,odd"))
     assert "trl rejects odd.yaml: " in err and "sideways" in err

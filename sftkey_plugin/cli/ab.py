@@ -318,6 +318,11 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict
     config_path, eval_path, out = Path(args.config).resolve(), Path(args.eval_data).resolve(), Path(args.out).resolve()
     base = _read_yaml(config_path)
     framework = detect_framework(base, str(config_path))
+    if framework == "axolotl" and str(base.get("save_strategy")).lower() == "no":
+        raise CLIError(
+            f"{config_path}: save_strategy: no leaves no trainer_state.json (Axolotl writes it with its checkpoints), "
+            "and ab reads each unit's steps and losses from it: save at least at the end (remove the key)"
+        )
     arms = resolve_arms(args.arms, args.arms_file, args.stage2_ratio)
     clashing = overridden_keys(base, arms)
     if clashing:
