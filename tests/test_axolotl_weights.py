@@ -328,3 +328,14 @@ def test_preview_shows_the_counts_and_each_tokens_weight(workdir, weighted_data)
     example = result.output.split("--- example 1:")[1]
     assert example.index("<x0.15>") < example.index("<x0.75>") < example.index("<x3>")
     assert "<x0>" not in example.split("<x0.15>")[1]  # after the first token, nothing of the row is untrained
+
+
+def test_weight_settings_change_the_cache_folder(axolotl_env, workdir, weighted_data):
+    """The rows carry the composed weights: another prompt weight or weight field is another prepared dataset."""
+    config = _data_config(workdir, weighted_data)
+    folders = {
+        str(axolotl_env({**config, **change}).dataset_prepared_path)
+        for change in ({}, {"sftkey_prompt_weight": 0.2}, {"sftkey_example_weight_field": "other"},
+                       {"sftkey_message_weight_field": "w"})
+    }  # fmt: skip
+    assert len(folders) == 4
