@@ -200,7 +200,8 @@ class SFTKeyLossMixin:
         key tokens in stage 2; at least 1 when a weight is 0, so a step without any such token has loss 0, not 0/0)."""
         count = super()._get_num_items_in_batch  # type: ignore[misc]
         if not getattr(self, "_sftkey_counting_step", False) or not batch_samples:
-            return count(batch_samples, device)
+            # evaluation: the completion tokens, as compute_loss scores them (not the prompt the prompt weight trains)
+            return count([_without_prompt(b) for b in batch_samples], device)
         point = self.sftkey_point
         data_weights = SFTKEY_WEIGHT in batch_samples[0]
         trained = [{**b, "labels": self._sftkey_loss_labels(b["labels"], b, point)} for b in batch_samples]
@@ -247,10 +248,8 @@ class SFTKeyLossMixin:
         key_mask = columns[SFTKEY_MASK]
         point, training = self.sftkey_point, self.model.training  # evaluation scores every completion token
         weights = _token_weights(columns, point)
-        completion_labels = inputs["labels"]
-        if weights is not None:  # the prompt tokens the prompt weight trains are no completion tokens
-            prompt = columns[SFTKEY_PROMPT].to(completion_labels.device) != 0
-            completion_labels = completion_labels.masked_fill(prompt, IGNORE_INDEX)
+        # the prompt tokens the prompt weight trains are no completion tokens
+        completion_labels = _without_prompt({**columns, "labels": inputs["labels"]})["labels"]
         inputs["labels"] = self._sftkey_loss_labels(inputs["labels"], columns, point) if training else completion_labels
         labels = inputs["labels"]  # the trainer pops it from inputs when a compute_loss_func (Axolotl's use_dft) is set
         self._sftkey_capturing = True
@@ -433,6 +432,14 @@ class SFTKeyLossMixin:
             # in place, as Trainer.evaluate returns the dict it logged
             logs.update({(f"{prefix}_" if prefix else "") + k: v for k, v in metrics.items()})
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _without_prompt(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with the labels of its prompt tokens (``sftkey_prompt``) set to ``-100``; itself without them."""
+    if SFTKEY_PROMPT not in batch:
+        return batch
+    labels = batch["labels"]
+    return {**batch, "labels": labels.masked_fill(batch[SFTKEY_PROMPT].to(labels.device) != 0, IGNORE_INDEX)}
 
 
 def _token_weights(columns: dict[str, Any], point: PhasePoint) -> torch.Tensor | None:
