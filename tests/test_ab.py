@@ -100,8 +100,8 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def trl_run(trl_setup) -> dict:
-    """``sftkey ab`` killed (its whole process group, SIGKILL) once the second unit trains, then the same command
-    again to the end; the arm ``broken`` fails in every seed."""
+    """``sftkey ab`` killed (its whole process group, SIGKILL) once the second unit trains, one unit trained by its own
+    command, then the same ``sftkey ab`` again to the end; the arm ``broken`` fails in every seed."""
     out = trl_setup["root"] / "out"
     second = out / "runs" / "mine-seed0"
     command = [sys.executable, "-m", "sftkey_plugin.cli.main", *_ab_args(trl_setup, out, arms=LOOP_ARMS)]
@@ -114,8 +114,15 @@ def trl_run(trl_setup) -> dict:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed = {"log": log.read_text(), "mtimes": _mtimes(out), "second_trained": (second / "trained.json").exists()}
+    plan = json.loads((out / "plan.json").read_text())
+    # a unit not begun yet trained by its planned command, as a cluster job would: the rerun keeps it
+    cluster = next(unit for unit in plan["units"] if unit["name"] == "sft-seed1")
+    subprocess.run(cluster["command"], check=True, capture_output=True)
+    adapter = out / cluster["dir"] / "model" / "adapter_model.safetensors"
+    killed["cluster_mtime"] = adapter.stat().st_mtime_ns
     code = sftkey(_ab_args(trl_setup, out, arms=LOOP_ARMS))
-    return {"out": out, "killed": killed, "code": code, "plan": json.loads((out / "plan.json").read_text())}
+    killed["cluster_mtime_after"] = adapter.stat().st_mtime_ns
+    return {"out": out, "killed": killed, "code": code, "plan": plan}
 
 
 def test_the_run_killed_mid_unit_resumes_without_retraining(trl_run):
@@ -125,6 +132,16 @@ def test_the_run_killed_mid_unit_resumes_without_retraining(trl_run):
     after = _mtimes(trl_run["out"])
     assert sorted(after) == ["mine-seed0", "mine-seed1", "sft-seed0", "sft-seed1"]
     assert after["sft-seed0"] == killed["mtimes"]["sft-seed0"]  # not retrained
+
+
+def test_a_unit_trained_by_its_planned_command_is_kept(trl_run):
+    """The cluster workflow: a unit trained outside ``sftkey ab`` by the command its plan printed is recorded from its
+    Trainer state, not trained again."""
+    killed = trl_run["killed"]
+    assert "sft-seed1" not in killed["mtimes"] and killed["cluster_mtime_after"] == killed["cluster_mtime"]
+    trained = json.loads((trl_run["out"] / "runs" / "sft-seed1" / "trained.json").read_text())
+    assert trained["steps"] == STEPS and trained["seconds"] > 0
+    assert not (trl_run["out"] / "runs" / "sft-seed1" / "train.log").exists()  # no training of ours
 
 
 def test_a_failing_unit_is_recorded_and_the_others_go_on(trl_run):
@@ -211,13 +228,13 @@ def test_bad_input_is_refused_before_anything_trains(trl_setup, tmp_path, capsys
     assert "clash.yaml already sets sftkey, sftkey_key_weight, which the arms set" in err
     misspelt = _write_yaml(tmp_path / "misspelt.yaml", {**trl_setup["keys"], "learning_rat": 0.1})
     err = _refused(capsys, ["ab", str(misspelt), *_ab_args(trl_setup, out)[2:]])
-    assert "trl rejects steps.yaml: unknown keys ['learning_rat']" in err
+    assert "trl rejects misspelt.yaml as the baseline arm: unknown keys ['learning_rat']" in err
     axolotl = _write_yaml(tmp_path / "axolotl.yaml", {"base_model": "m", "datasets": [], "save_strategy": "no"})
     err = _refused(capsys, ["ab", str(axolotl), *_ab_args(trl_setup, out)[2:]])
     assert "axolotl.yaml: save_strategy: no leaves no trainer_state.json" in err
     bad_arm = _write_yaml(tmp_path / "bad_arm.yaml", {"odd": {"sftkey_mode": "sideways"}})
     err = _refused(capsys, _ab_args(trl_setup, out, "--arms-file", str(bad_arm), arms="sft,odd"))
-    assert "trl rejects odd.yaml: " in err and "sideways" in err
+    assert "trl rejects config.yaml with arm 'odd': " in err and "sideways" in err
     assert not out.exists()
 
 
@@ -277,6 +294,15 @@ def test_axolotl_loop(tiny_dir, tmp_path):
     eval_data = _write_jsonl(tmp_path / "eval.jsonl", arithmetic_records(4, seed=9))
     out = tmp_path / "out"
     argv = ["ab", str(path), "--eval", str(eval_data), "--arms", "sft,weighted_x2", "--seeds", "0", "--out", str(out)]
+    # planned for 2 processes (torchrun's own option): Axolotl's count over a batch of 2 x 4 rows, 2 steps
+    launcher = ["--launcher", "torchrun -- --nproc_per_node=2"]
+    assert sftkey([*argv[:-1], str(tmp_path / "planned"), *launcher, "--dry-run"]) == 0
+    planned = json.loads((tmp_path / "planned" / "plan.json").read_text())
+    assert planned["max_steps"] == 2
+    assert planned["units"][0]["command"][1:] == [
+        "train", str(tmp_path / "planned" / planned["units"][0]["config"]), "--launcher", "torchrun", "--",
+        "--nproc_per_node=2",
+    ]  # fmt: skip
     assert sftkey([*argv, "--launcher", "python", "--max-new-tokens", "16"]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["framework"] == "axolotl" and plan["max_steps"] == STEPS

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,11 @@ def add_parser(subparsers: Any) -> None:
         "module form); Axolotl: what follows `axolotl train CONFIG --launcher`, e.g. 'torchrun -- --nproc_per_node=2'",
     )
     parser.add_argument(
-        "--processes", type=int, help="training processes, for the step count of an epoch-based config (default: "
-        "read from --launcher's --num_processes/--nproc_per_node, else 1)"
-    )  # fmt: skip
+        "--processes",
+        type=int,
+        help="training processes, for the step count of an epoch-based config (default: read from --launcher's "
+        "--num_processes/--nproc_per_node, else 1)",
+    )
     parser.add_argument("--answer-field", default=EVAL_DEFAULTS["answer_field"], help="EVAL's gold answer field")
     parser.add_argument("--finder", default=EVAL_DEFAULTS["finder"], help="sftkey eval's answer finder")
     parser.add_argument("--max-new-tokens", type=int, default=EVAL_DEFAULTS["max_new_tokens"])
@@ -209,26 +211,12 @@ def trl_epoch_steps(parsed: Sequence[Any], processes: int) -> int:
     return math.ceil(training_args.num_train_epochs * per_epoch)
 
 
-@contextlib.contextmanager
-def _world_size(processes: int) -> Iterator[None]:
-    """``WORLD_SIZE`` for Axolotl's config normalisation, which counts the processes in its batch size."""
-    previous = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(processes)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("WORLD_SIZE")
-        else:
-            os.environ["WORLD_SIZE"] = previous
-
-
-def framework_check(framework: str, path: Path, processes: int = 1) -> Any:
+def framework_check(framework: str, path: Path, label: str) -> Any:
     """The framework's own reading of a config, which refuses what it would refuse at training: TRL's parser as
     ``sftkey train`` builds it (the parsed dataclasses), or Axolotl's validation (its ``cfg``)."""
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured), _world_size(processes):
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
             if framework == "trl":
                 from .train import make_parser
 
@@ -243,9 +231,9 @@ def framework_check(framework: str, path: Path, processes: int = 1) -> Any:
             return load_cfg(str(path))
     except SystemExit as error:  # argparse prints why, then exits
         lines = [line for line in captured.getvalue().splitlines() if line.strip()]
-        raise CLIError(f"{framework} rejects {path.name}: {lines[-1] if lines else error}") from None
+        raise CLIError(f"{framework} rejects {label}: {lines[-1] if lines else error}") from None
     except Exception as error:  # pydantic's and the dataclasses' own errors
-        raise CLIError(f"{framework} rejects {path.name}: {error}") from error
+        raise CLIError(f"{framework} rejects {label}: {error}") from error
 
 
 def axolotl_steps(cfg: Any, processes: int) -> int:
@@ -253,8 +241,10 @@ def axolotl_steps(cfg: Any, processes: int) -> int:
     and passes to the Trainer as ``max_steps``."""
     from axolotl.common.datasets import load_datasets
 
-    with _world_size(processes):
-        steps = load_datasets(cfg=cfg).total_num_steps
+    # the batch size of several processes, as Axolotl's normalisation makes it from WORLD_SIZE (setting that here
+    # would make Axolotl wait for the other processes of a distributed run)
+    cfg.batch_size *= max(processes // (cfg.context_parallel_size or 1) // (cfg.tensor_parallel_size or 1), 1)
+    steps = load_datasets(cfg=cfg).total_num_steps
     if not steps:
         raise CLIError("Axolotl counts no training steps for this config")
     return int(steps)
@@ -344,7 +334,9 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict
     processes = processes_of(launcher, args.processes)
     units, configs = [], {}
     with tempfile.TemporaryDirectory() as scratch:
-        steps = _planned_steps(base, framework, arms, seeds[0], processes, Path(scratch))
+        steps = _planned_steps(
+            base, framework, arms, seeds[0], processes, Path(scratch), f"{config_path.name} as the baseline arm"
+        )
         for seed in seeds:  # seed-major: each seed's arms are comparable as soon as they finish
             for arm, overrides in arms.items():
                 name, folder = f"{arm}-seed{seed}", f"runs/{arm}-seed{seed}"
@@ -355,7 +347,8 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict
                      "command": command}
                 )  # fmt: skip
         for arm in arms:  # the framework's verdict on each arm's config, before anything is written to OUT
-            framework_check(framework, _write_yaml(Path(scratch) / f"{arm}.yaml", configs[f"{arm}-seed{seeds[0]}"]))
+            path = _write_yaml(Path(scratch) / f"{arm}.yaml", configs[f"{arm}-seed{seeds[0]}"])
+            framework_check(framework, path, f"{config_path.name} with arm {arm!r}")
     plan = {
         "version": PLAN_VERSION,
         "framework": framework,
@@ -382,6 +375,7 @@ def _planned_steps(
     seed: int,
     processes: int,
     scratch: Path,
+    label: str,
 ) -> int:
     """Every unit's optimizer steps: the config's ``max_steps``, else the baseline's epochs counted once, as its
     framework counts them."""
@@ -389,7 +383,7 @@ def _planned_steps(
         return int(base["max_steps"])
     config = unit_config(base, framework, next(iter(arms.values())), seed, scratch / "steps", 1)
     del config["max_steps"]
-    parsed = framework_check(framework, _write_yaml(scratch / "steps.yaml", config), processes)
+    parsed = framework_check(framework, _write_yaml(scratch / "steps.yaml", config), label)
     return trl_epoch_steps(parsed, processes) if framework == "trl" else axolotl_steps(parsed, processes)
 
 
@@ -486,7 +480,6 @@ def train_unit(out: Path, plan: Mapping[str, Any], unit: Mapping[str, Any], say:
     folder = out / unit["dir"]
     model = folder / "model"
     shutil.rmtree(model, ignore_errors=True)  # a unit killed mid-run restarts: nothing of it counts
-    (folder / "failed.json").unlink(missing_ok=True)
     log, steps, started = folder / "train.log", plan["max_steps"], time.perf_counter()
     shown: list[int | None] = [None]
 
@@ -551,6 +544,7 @@ def run_units(out: Path, plan: Mapping[str, Any], say: Any) -> list[str]:
         eta = f", ETA {sum(durations) / len(durations) * remaining / 60:.1f} min" if durations else ""
         say(f"unit {number} of {len(units)} {unit['name']}: {'evaluating' if trained else 'training'}{eta}")
         started = time.perf_counter()
+        (folder / "failed.json").unlink(missing_ok=True)  # an earlier failure is retried
         trained = trained or adopt_trained(folder, plan["max_steps"]) or train_unit(out, plan, unit, say)
         ok = trained and evaluate_unit(out, plan, unit)
         if ok:
