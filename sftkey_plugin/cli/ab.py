@@ -61,7 +61,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("config", metavar="CONFIG", help="the TRL or Axolotl YAML (or 'report', then OUT)")
     parser.add_argument("report_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
-    parser.add_argument("--eval", dest="eval_data", help="evaluation records with gold answers (jsonl, json, ...)")
+    parser.add_argument("--eval", dest="eval_data", metavar="EVAL", help="records with gold answers")
     parser.add_argument("--arms", default=DEMO_ARMS, help=f"comma-separated, the first is the baseline ({DEMO_ARMS})")
     parser.add_argument("--arms-file", help="YAML {arm name: {sftkey_* overrides}} of your own arms")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
