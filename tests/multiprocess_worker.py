@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node 2 tests/multiprocess_worker.py modes TINY_DIR OUT_DIR``: every SFTKey mode on 2 CPU
 processes (gloo), saved to ``OUT_DIR/<mode>.pt``.
-``python tests/multiprocess_worker.py interrupt TINY_DIR OUT_DIR READY_FILE``: a two-stage run that stalls right
-after writing its stage-2 checkpoint, so the test can kill it with a real signal.
+``python tests/multiprocess_worker.py interrupt TINY_DIR OUT_DIR READY_FILE [RUN]``: a two-stage run (``RUN`` of
+``INTERRUPT_RUNS``, default ``two_stage``) that stalls right after writing its stage-2 checkpoint, so the test can kill
+it with a real signal.
 ``torchrun ... rank0_log TINY_DIR OUT_DIR``: a run whose user callback logs on process 0 only.
 ``torchrun ... refuse TINY_DIR OUT_DIR``: a run refused while the main process prepares the data first.
 ``torchrun ... bad_mask TINY_DIR OUT_DIR``: data TRL's own preparation fails on, inside its nested main_process_first.
@@ -46,15 +47,10 @@ MODES: dict[str, dict[str, Any]] = {
         **PER_TOKEN,
     },
 }
-# the runs of the 2-process launch: every mode, and weighted with weights from the data (tests/test_data_weights.py)
-RUNS: dict[str, dict[str, Any]] = {
-    **MODES,
-    "weighted_data": {
-        **MODES["weighted"],
-        "sftkey_prompt_weight": 0.1,
-        "sftkey_example_weight_field": "score",
-    },
-}
+# weights from the data (tests/test_data_weights.py) on the records of ``with_data_weights``
+DATA_WEIGHTS: dict[str, Any] = {"sftkey_prompt_weight": 0.1, "sftkey_example_weight_field": "score"}
+# the runs of the 2-process launch: every mode, and weighted with weights from the data
+RUNS: dict[str, dict[str, Any]] = {**MODES, "weighted_data": {**MODES["weighted"], **DATA_WEIGHTS}}
 # With 2 processes and 2 rows each, step k gives rows 4k, 4k+1 to process 0 and rows 4k+2, 4k+3 to process 1
 # (sequential sampler, accelerate's batch sharding). These rows have no key span: process 1 has no key token in
 # steps 1 and 3, and step 4 has none on either process.
@@ -68,6 +64,12 @@ INTERRUPT_ARGS: dict[str, Any] = {
     "sftkey_stage2_steps": 2,
     "max_steps": INTERRUPT_STEPS,
     "save_steps": 2,
+}
+# the interrupted runs; with data weights, the stage-2 steps on either side of the kill weigh the key tokens by their
+# message and example weights and the prompt tokens by the prompt weight
+INTERRUPT_RUNS: dict[str, dict[str, Any]] = {
+    "two_stage": INTERRUPT_ARGS,
+    "two_stage_data": {**INTERRUPT_ARGS, **DATA_WEIGHTS},
 }
 
 
@@ -93,6 +95,11 @@ def with_data_weights(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         completion = [{**m, "weight": 0.5 * (index % 4)} if index % 3 == 0 else m for m in record["completion"]]
         weighted.append({**record, "completion": completion, "score": 0.5 + 0.25 * (index % 5)})
     return weighted
+
+
+def data_for(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """``records`` with the data weights that ``settings`` (a run's arguments) read, if any."""
+    return with_data_weights(records) if "sftkey_example_weight_field" in settings else records
 
 
 class GradientRecorder(TrainerCallback):
@@ -172,10 +179,9 @@ def run_mode(tiny_dir: str, out: str, mode: str, per_device_batch: int, **overri
     """Train ``STEPS`` steps of ``mode`` on ``mixed_records``; return the logs, gradients and final weights.
     ``overrides``: more ``trainer_for`` arguments (gradient accumulation, the FSDP worker's)."""
     recorder = GradientRecorder()
-    records = mixed_records()
     trainer = trainer_for(
         tiny_dir,
-        with_data_weights(records) if "sftkey_example_weight_field" in RUNS[mode] else records,
+        data_for(mixed_records(), RUNS[mode]),
         out,
         sftkey=True,
         sftkey_on_missing="keep",
@@ -214,14 +220,15 @@ class StallAfterCheckpoint(TrainerCallback):
         return control
 
 
-def interrupt_records() -> list[dict[str, Any]]:
-    """The data of the interrupted run (6 steps of 4 rows)."""
-    return arithmetic_records(INTERRUPT_STEPS * GLOBAL_BATCH, seed=22, form="prompt_completion")
+def interrupt_records(run: str = "two_stage") -> list[dict[str, Any]]:
+    """The data of the interrupted run ``run`` (6 steps of 4 rows)."""
+    records = arithmetic_records(INTERRUPT_STEPS * GLOBAL_BATCH, seed=22, form="prompt_completion")
+    return data_for(records, INTERRUPT_RUNS[run])
 
 
-def main_interrupt(tiny_dir: str, out_dir: str, ready_file: str) -> None:
+def main_interrupt(tiny_dir: str, out_dir: str, ready_file: str, run: str = "two_stage") -> None:
     """The run that gets killed: two_stage with checkpoints every 2 steps, stalling after checkpoint-4."""
-    trainer = trainer_for(tiny_dir, interrupt_records(), out_dir, save_strategy="steps", **INTERRUPT_ARGS)
+    trainer = trainer_for(tiny_dir, interrupt_records(run), out_dir, save_strategy="steps", **INTERRUPT_RUNS[run])
     trainer.add_callback(StallAfterCheckpoint(INTERRUPT_AT, ready_file))
     trainer.train()
 

@@ -3,9 +3,10 @@ serves the Axolotl runs (``axolotl_recorder.AllowFSDPOnCPU``).
 
 ``torchrun --nproc_per_node 2 tests/sharded_worker.py interrupt TINY_DIR OUT_DIR READY_FILE``: a two-stage FSDP2 run
 with sharded checkpoints that stalls after writing checkpoint-4 (mid-stage-2), for the test to kill.
-``torchrun --nproc_per_node 2 tests/sharded_worker.py modes TINY_DIR OUT_DIR RESUME_DIR``: every SFTKey mode, then
-LoRA, under FSDP2 (saved to ``OUT_DIR/<name>.pt`` as ``multiprocess_worker`` saves its DDP runs), then the killed run
-resumed from its sharded checkpoint (``OUT_DIR/resumed.pt``). One launch for all: each costs ~20 s of imports.
+``torchrun --nproc_per_node 2 tests/sharded_worker.py modes TINY_DIR OUT_DIR RESUME_DIR``: every SFTKey mode and
+weighted with data weights (``FSDP_RUNS``), then LoRA, under FSDP2 (saved to ``OUT_DIR/<name>.pt`` as
+``multiprocess_worker`` saves its DDP runs), then the killed run resumed from its sharded checkpoint
+(``OUT_DIR/resumed.pt``). One launch for all: each costs ~20 s of imports.
 ``torchrun --nproc_per_node 2 tests/sharded_worker.py deepspeed TINY_DIR OUT_DIR`` (with ``DS_ACCELERATOR=cpu``): every
 mode under ZeRO-2 and ZeRO-3.
 """
@@ -39,6 +40,8 @@ from transformers import TrainerCallback
 # 4 steps change the losses measurably.
 SGD = {"optim": "sgd", "learning_rate": 0.1}
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# the FSDP2 runs: every mode, and weighted with weights from the data (multiprocess_worker.RUNS; not under ZeRO)
+FSDP_RUNS = [*MODES, "weighted_data"]
 
 
 def recipe_fsdp_config() -> dict[str, Any]:
@@ -200,10 +203,11 @@ def main_interrupt(tiny_dir: str, out_dir: str, ready_file: str) -> None:
 
 
 def main_modes(tiny_dir: str, out_dir: str, resume_dir: str) -> None:
-    """Every mode and LoRA under FSDP2, then the resumed run; rank 0 saves the records, each rank its micro-batches."""
+    """Every run of ``FSDP_RUNS`` and LoRA under FSDP2, then the resumed run; rank 0 saves the records, each rank its
+    micro-batches."""
     allow_fsdp_on_cpu()
     rank = int(os.environ["RANK"])
-    runs: dict[str, tuple[str, dict[str, Any]]] = {mode: (mode, {}) for mode in MODES}
+    runs: dict[str, tuple[str, dict[str, Any]]] = {mode: (mode, {}) for mode in FSDP_RUNS}
     runs["lora"] = ("two_stage", {"peft_config": lora_config()})
     for name, (mode, options) in runs.items():
         torch.manual_seed(0)  # the LoRA init (TRL wraps the model before the Trainer seeds anything)

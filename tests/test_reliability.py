@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from multiprocess_worker import (
     BAD_MASK_ERROR,
     GLOBAL_BATCH,
-    INTERRUPT_ARGS,
     INTERRUPT_AT,
+    INTERRUPT_RUNS,
     INTERRUPT_STEPS,
     MODES,
     RUNS,
@@ -245,12 +245,14 @@ def kill_when_ready(command: list[str], env: dict[str, str], log_path: Path, rea
         return process.wait(timeout=60)
 
 
+@pytest.mark.parametrize("run", list(INTERRUPT_RUNS))
 def test_killed_mid_stage_two_resumes_to_the_same_weights(
-    tiny_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, run: str
 ) -> None:
-    """A run killed during step 5 (stage 2 began at step 3) resumes from checkpoint-4 and ends as if never stopped."""
+    """A run killed during step 5 (stage 2 began at step 3) resumes from checkpoint-4 and ends as if never stopped;
+    with weights from the data too (message, example and prompt weights, read again by the resumed run)."""
     out, ready = tmp_path / "run", tmp_path / "ready"
-    command = [sys.executable, str(WORKER), "interrupt", tiny_dir, str(out), str(ready)]
+    command = [sys.executable, str(WORKER), "interrupt", tiny_dir, str(out), str(ready), run]
     code = kill_when_ready(command, subprocess_env(), tmp_path / "killed.log", ready)
     assert ready.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert code == -signal.SIGKILL
@@ -260,13 +262,13 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(
     assert [h["sftkey/stage"] for h in saved["log_history"] if "loss" in h] == [1, 1, 2, 2]
 
     switch = "SFTKey: stage 2 (key answer tokens only) from optimizer step 3."
-    full = trainer_for(tiny_dir, interrupt_records(), tmp_path / "full", **INTERRUPT_ARGS)
+    full = trainer_for(tiny_dir, interrupt_records(run), tmp_path / "full", **INTERRUPT_RUNS[run])
     with caplog.at_level(logging.INFO, logger="sftkey_plugin"):
         full.train()
     # one announcement (a set: with Axolotl's log routing installed by an earlier test, each record shows twice)
     assert {r.getMessage() for r in caplog.records if "SFTKey: stage 2" in r.getMessage()} == {switch}
     caplog.clear()
-    resumed = trainer_for(tiny_dir, interrupt_records(), out, **INTERRUPT_ARGS)
+    resumed = trainer_for(tiny_dir, interrupt_records(run), out, **INTERRUPT_RUNS[run])
     with caplog.at_level(logging.INFO, logger="sftkey_plugin"):
         resumed.train(resume_from_checkpoint=True)  # the latest checkpoint in the output folder
     assert "SFTKey: stage 2" not in caplog.text  # resumed inside stage 2: no switch to announce
@@ -275,9 +277,14 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(
     assert resumed.sftkey_callback.schedule == full.sftkey_callback.schedule
     assert logged(resumed, "sftkey/stage") == logged(full, "sftkey/stage") == [1, 1, 2, 2, 2, 2]
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
+    # steps 1-4 logged by the killed run, 5-6 by the resumed one
+    mean_weights = logged(full, "sftkey/mean_weight")
+    assert logged(resumed, "sftkey/mean_weight") == pytest.approx(mean_weights, rel=1e-6)
+    if run == "two_stage_data":  # the data weights reached the loss (two_stage alone weighs every trained token 1)
+        assert all(w != pytest.approx(1.0) for w in mean_weights)
     weights = {n: p.detach() for n, p in resumed.model.named_parameters()}
     diff = max_abs_diff(weights, {n: p.detach() for n, p in full.model.named_parameters()})
-    print(f"\nresume after SIGKILL: max |weight diff| {diff:.2e}")
+    print(f"\nresume after SIGKILL ({run}): max |weight diff| {diff:.2e}")
     assert diff < 1e-6
 
 

@@ -1,6 +1,6 @@
 """Sharded training through the real Trainer on 2 CPU processes (gloo) against 1 process, with plain SGD: FSDP2 in
-every SFTKey mode, with LoRA, and a run killed mid-stage-2 resumed from its sharded checkpoint; DeepSpeed ZeRO-2 and
-ZeRO-3 in every mode.
+every SFTKey mode and with weights from the data (weighted), with LoRA, and a run killed mid-stage-2 resumed from its
+sharded checkpoint; DeepSpeed ZeRO-2 and ZeRO-3 in every mode.
 
 accelerate chooses neither FSDP nor DeepSpeed for CPU processes by itself (FSDP silently becomes DDP), so the worker
 applies test-only patches (``sharded_worker.allow_fsdp_on_cpu``, ``allow_deepspeed_on_cpu``) and every test asserts
@@ -22,7 +22,7 @@ import pytest
 import torch
 from multiprocess_worker import GLOBAL_BATCH, INTERRUPT_ARGS, INTERRUPT_AT, MODES, interrupt_records, run_mode
 from process_exit import run_processes
-from sharded_worker import SGD, lora_config
+from sharded_worker import FSDP_RUNS, SGD, lora_config
 from test_reliability import (
     assert_same_training,
     kill_when_ready,
@@ -40,7 +40,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two launches of 2 processes: the two_stage run killed with SIGKILL after its checkpoint-4, then every mode,
-    LoRA and the resumed run (``sharded_worker.py``). A hang fails here after 300 s."""
+    data weights, LoRA and the resumed run (``sharded_worker.py``). A hang fails here after 300 s."""
     out = tmp_path_factory.mktemp("fsdp")
     killed, ready, log = out / "killed", out / "ready", out / "killed.log"
     started = time.monotonic()
@@ -50,7 +50,7 @@ def fsdp_runs(tiny_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.kill(int(pid), signal.SIGKILL)
     assert code == -signal.SIGKILL
     run_processes([*TORCHRUN, "modes", tiny_dir, str(out), str(killed)], 2, env=subprocess_env(), timeout=300)
-    print(f"\nFSDP2 launches (killed run; all modes, LoRA, resume): {time.monotonic() - started:.1f} s")
+    print(f"\nFSDP2 launches (killed run; all modes, data weights, LoRA, resume): {time.monotonic() - started:.1f} s")
     return out
 
 
@@ -93,10 +93,10 @@ def load_sharded(runs: Path, name: str) -> tuple[dict[str, Any], list[list[dict]
     return multi, ranks
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", FSDP_RUNS)
 def test_fsdp_two_processes_equal_one_process(fsdp_runs: Path, one_process: Callable, mode: str) -> None:
     """FSDP2 on 2 processes: the 1-process losses, metrics, gradients after reduction and final (gathered) weights;
-    process 1 has steps without any key token."""
+    process 1 has steps without any key token. ``weighted_data``: message, example and prompt weights."""
     multi, ranks = load_sharded(fsdp_runs, mode)
     print(f"\nFSDP2, 2 processes vs 1 (SGD lr {SGD['learning_rate']}):", end="")
     assert_same_training(mode, multi, one_process(mode), ranks)
