@@ -189,6 +189,8 @@ def test_counts_and_data_weights_found_off(axolotl_env, workdir, weighted_data):
     )
     with pytest.raises(ValueError, match="sftkey_example_weight_field='score', but no train record has that field"):
         _prepared(axolotl_env, workdir, {**off, "sftkey_example_weight_field": "score"}, unweighted)
+    with pytest.raises(ValueError, match="sftkey_message_weight_field='loss_weight', but no assistant message"):
+        _prepared(axolotl_env, workdir, {**off, "sftkey_message_weight_field": "loss_weight"}, unweighted)
 
 
 def test_other_dataset_types_take_the_prompt_weight(axolotl_env, workdir):

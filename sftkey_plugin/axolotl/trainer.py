@@ -22,13 +22,12 @@ from ..hf_trainer import SFTKeyLossMixin, main_process_first
 from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import TURN_COLUMNS, MarkingOptions, mark_token_ids
 from ..weights import (
-    DEFAULT_MESSAGE_FIELD,
     SFTKEY_PROMPT,
     SFTKEY_WEIGHT,
     DataWeightOptions,
     DataWeightScan,
+    check_weight_fields,
     compose_data_weights,
-    scan_data_weights,
 )
 from .args import fused_loss
 from .strategy import EXAMPLE_WEIGHTED, MESSAGE_WEIGHTS
@@ -61,20 +60,6 @@ def dataset_stats(dataset: Any, name: str, options: DataWeightOptions) -> tuple[
     if not scan.active:
         stats.weighted_records = None  # data weights off: the summary says nothing of them
     return stats, scan
-
-
-def check_weight_fields_found(scan: DataWeightScan, name: str) -> None:
-    """The core's refusal of a weight field set by name that no record has, on the counts of prepared rows: a field
-    some row had is left out of the options checked, so only a field no row had can raise."""
-    options = scan.options
-    scan_data_weights(
-        (),
-        DataWeightOptions(
-            options.message_field if not scan.message_weights else DEFAULT_MESSAGE_FIELD,
-            options.example_field if not scan.example_weights else None,
-        ),
-        name,
-    )
 
 
 def mark_fallback_row(
@@ -118,8 +103,9 @@ def mark_count_and_apply_policy(
             desc=f"SFTKey marking {name} rows",
         )
     stats, scan = dataset_stats(dataset, name, options)
+    if name == "train":
+        check_weight_fields(scan, name)
     if scan.active:
-        check_weight_fields_found(scan, name)
         fused = fused_loss(cfg)
         if fused:
             raise ValueError(
