@@ -380,13 +380,14 @@ def _torchrun(config: Path, processes: int) -> list[str]:
 
 
 def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
-    """Train one config with ``processes`` CPU processes; each process's record (see ``axolotl_recorder``)."""
-    from multiprocess_worker import GLOBAL_BATCH, STEPS, mixed_records
+    """Train one config with ``processes`` CPU processes on the TRL runs' ``mixed_records`` as chats, with the data
+    weights the config reads (``multiprocess_worker.data_for``); each process's record (see ``axolotl_recorder``)."""
+    from multiprocess_worker import GLOBAL_BATCH, STEPS, data_for, mixed_records
 
-    data = workdir["root"] / "mixed.jsonl"
-    if not data.exists():
-        rows = [{"messages": r["prompt"] + r["completion"]} for r in mixed_records()]
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    data = workdir["root"] / f"{name}.jsonl"
+    # a chat of the prompt and completion messages; the record's other columns (an example weight) kept
+    rows = [{"messages": r.pop("prompt") + r.pop("completion"), **r} for r in data_for(mixed_records(), overrides)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     path, config = _full_finetune_config(
         workdir,
         name,
@@ -402,16 +403,20 @@ def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> di
     return {rank: torch.load(Path(config["output_dir"]) / f"record-rank{rank}.pt") for rank in range(processes)}
 
 
-@pytest.mark.parametrize("mode", ["two_stage", "key_only", "weighted"])
+# weighted_data: the weighted mode (key 3.0, other 0.5) with message, example and prompt weights on the TRL run's
+# records (multiprocess_worker.RUNS), so one launch pair covers the mode and the data weights
+@pytest.mark.parametrize("mode", ["two_stage", "key_only", "weighted_data"])
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_process(workdir, mode):
     """As the TRL test in test_reliability.py: same logs, gradients and weights; a process without key tokens."""
-    from multiprocess_worker import MODES
+    from multiprocess_worker import RUNS
     from test_reliability import assert_same_training
 
-    overrides = {key: value for key, value in MODES[mode].items() if key.startswith("sftkey")}
+    overrides = {key: value for key, value in RUNS[mode].items() if key.startswith("sftkey")}
     multi = _multiprocess_run(workdir, f"{mode}_2proc", overrides, processes=2)
     single = _multiprocess_run(workdir, f"{mode}_1proc", overrides, processes=1)
+    if "sftkey_example_weight_field" in overrides:  # the data weights are on: their columns were kept for training
+        assert all({"sftkey_weight", "sftkey_prompt"} <= row.keys() for row in single[0]["first_rows"])
     assert_same_training(mode, multi[0], single[0], [multi[0]["micro_batches"], multi[1]["micro_batches"]])
 
 
