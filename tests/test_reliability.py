@@ -144,7 +144,7 @@ def test_a_failure_while_the_main_process_prepares_first_stops_every_process(
 
 
 COMPARED_LOGS = ("loss", "grad_norm", "sftkey/stage", "sftkey/key_fraction", "sftkey/key_loss",
-                 "sftkey/key_token_accuracy", "sftkey/reasoning_loss")  # fmt: skip
+                 "sftkey/key_token_accuracy", "sftkey/reasoning_loss", "sftkey/mean_weight")  # fmt: skip
 
 
 # Gradients agree to GRAD_RTOL of their scale (see test_trl), and with SGD each step moves a weight by lr * gradient:
