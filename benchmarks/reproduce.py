@@ -32,22 +32,129 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sftkey_plugin.cli.demo import ARM_LABELS, name_the_cpu_accelerator, parse_arms
+from sftkey_plugin.cli.demo import (
+    ARM_LABELS,
+    LOSS_SCALED_RATES,
+    X3_KEY_WEIGHT,
+    ArmPlan,
+    arm_settings,
+    make_splits,
+    name_the_cpu_accelerator,
+)
 
 # the seven schedules of the weight-schedule study; key_only and the controls run only when asked for
 ARMS = ("sft_short", "sft_equal", "two_stage", "soft_stage2", "weighted_x2", "weighted_x3", "ramp")
 # a parity seed "learnt the task" at or above 0.65: midway between chance (0.5) and plain SFT's best seed in the
 # first three-seed run (0.81), rounded down; fixed on 2026-12-02, before seeds 3-7 ran
 LEARNT = "parity=0.65"
+
+
+def parse_arms(value: str) -> list[str]:
+    """``--arms``: known names, at least one, none twice."""
+    arms = [arm.strip() for arm in value.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARM_LABELS]
+    if unknown or not arms or len(set(arms)) < len(arms):
+        raise argparse.ArgumentTypeError(f"{value!r}: give distinct arms from {','.join(ARM_LABELS)}")
+    return arms
+
+
+def quiet_libraries() -> None:
+    """Keep a worker's output to its result lines and the plugin's own log (no library progress bars or warnings)."""
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations in the libraries, not the user's code
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    plugin_logger = logging.getLogger("sftkey_plugin")
+    if not any(getattr(h, "sftkey_reproduce", False) for h in plugin_logger.handlers):  # once per process
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler.sftkey_reproduce = True  # type: ignore[attr-defined]
+        plugin_logger.addHandler(handler)
+    plugin_logger.setLevel(logging.INFO)
+
+
+def plan_of(arm: str, args: argparse.Namespace) -> ArmPlan:
+    """The arm's plan for the run's ``steps`` and ``stage2_ratio`` (and its ``key_loss_scale``)."""
+    return arm_settings(arm, args.steps, args.stage2_ratio, args.key_loss_scale)
+
+
+def build_trainer(
+    arm: str, args: argparse.Namespace, init_dir: Path, tokenizer: Any, train: list, peft_config: Any = None
+) -> Any:
+    """The arm's trainer, from the shared initial weights: stock ``trl.SFTTrainer`` for the plain arms (nothing of
+    ours), ``SFTKeyTrainer`` for the others; ``peft_config`` trains a PEFT adapter instead of the whole model."""
+    plan = plan_of(arm, args)
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from sftkey_plugin.trl import SFTKeyConfig, SFTKeyTrainer
+
+    config = SFTKeyConfig(
+        output_dir=str(Path(args.output_dir) / arm),
+        sftkey=plan.sftkey is not None,
+        **(plan.sftkey or {}),
+        max_steps=plan.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate * plan.learning_rate_scale,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, plan.steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, plan.steps // 40),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=False,
+        gradient_checkpointing=False,  # TRL 1.16 turns both on by default, CPU included
+        loss_type="nll",  # every arm the same loss on every trl: 1.9's default chunked_nll has no per-token losses
+        use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer_class = SFTTrainer if plan.sftkey is None else SFTKeyTrainer
+    return trainer_class(
+        model=AutoModelForCausalLM.from_pretrained(str(init_dir)),
+        args=config,
+        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "completion")} for r in train]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def key_loss_scale(args: argparse.Namespace, init_dir: Path, tokenizer: Any, train: list) -> float:
+    """The mean factor by which ``weighted_x3``'s weights raise plain SFT's loss with ``sftkey_normalize: tokens``:
+    ``1 + (3 - 1) x`` the key share of the trained tokens, as its trainer marks them (the ``sft_lr_*`` arms' rate)."""
+    stats = build_trainer("weighted_x3", args, init_dir, tokenizer, train).sftkey_callback.data_stats[0]
+    return 1.0 + (X3_KEY_WEIGHT - 1.0) * stats.key_tokens / stats.completion_tokens
+
+
+def train_arm(
+    arm: str, args: argparse.Namespace, init_dir: Path, tokenizer: Any, train: list, peft_config: Any = None
+) -> tuple[Any, list]:
+    """Train one arm (``arm_settings``, ``build_trainer``); returns the model and its log history."""
+    from transformers import PrinterCallback
+
+    trainer = build_trainer(arm, args, init_dir, tokenizer, train, peft_config)
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm's replacement prints every log: noise in a worker
+    trainer.train()
+    trainer.save_model(str(Path(args.output_dir) / arm))
+    return trainer.model, trainer.state.log_history
 
 
 def smollm2_init(folder: Path) -> Any:
@@ -85,18 +192,10 @@ def run_unit(task: str, seed: int, arm: str, options: argparse.Namespace, work: 
     correctness and format, written to ``--out-dir`` as soon as it is done."""
     import torch
 
-    from sftkey_plugin.cli.demo import (
-        LOSS_SCALED_RATES,
-        _quiet_libraries,
-        key_loss_scale,
-        make_splits,
-        plan_of,
-        train_arm,
-    )
     from sftkey_plugin.cli.evaluate import evaluate_records
     from sftkey_plugin.tiny import build_model, build_tokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(options.threads)
     train, test = make_splits(task, options.train_size, options.test_size, options.terms, options.digits, seed)
     out = work / f"{task}-seed{seed}-{arm}"
@@ -112,22 +211,22 @@ def run_unit(task: str, seed: int, arm: str, options: argparse.Namespace, work: 
         build_model(
             str(out / "init"), len(tokenizer), seed=seed, hidden_size=options.hidden_size, layers=options.layers
         )
-    demo_args = argparse.Namespace(
+    unit_args = argparse.Namespace(
         output_dir=str(out), steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
         seed=seed, device=options.device, stage2_ratio=options.stage2_ratio, key_loss_scale=1.0,
     )  # fmt: skip
     if arm in LOSS_SCALED_RATES:
-        demo_args.key_loss_scale = key_loss_scale(demo_args, out / "init", tokenizer, train)
-    plan = plan_of(arm, demo_args)
+        unit_args.key_loss_scale = key_loss_scale(unit_args, out / "init", tokenizer, train)
+    plan = plan_of(arm, unit_args)
     started = time.perf_counter()
-    model, history = train_arm(arm, demo_args, out / "init", tokenizer, train, lambda *a: None, peft_config)
+    model, history = train_arm(arm, unit_args, out / "init", tokenizer, train, peft_config)
     rows, summary = evaluate_records(model, tokenizer, test, batch_size=32, max_new_tokens=options.max_new_tokens)
     grad_norms = [entry["grad_norm"] for entry in history if "grad_norm" in entry]
     result = {
         "task": task, "seed": seed, "arm": arm, "settings": {k: getattr(options, k) for k in SETTINGS_READ},
         "correct": [int(r["correct"]) for r in rows], "format": [int(r["format_ok"]) for r in rows],
         "accuracy": summary["accuracy"], "format_accuracy": summary["format_accuracy"], "steps": plan.steps,
-        "learning_rate": options.learning_rate * plan.learning_rate_scale, "key_loss_scale": demo_args.key_loss_scale,
+        "learning_rate": options.learning_rate * plan.learning_rate_scale, "key_loss_scale": unit_args.key_loss_scale,
         "grad_norm_mean": statistics.fmean(grad_norms) if grad_norms else None,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

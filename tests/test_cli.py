@@ -483,9 +483,12 @@ def test_demo_splits_hold_out_test_questions():
 
 
 def test_demo_pipeline_small(tmp_path):
-    """The pipeline end to end, as a command: with --json its stdout is the JSON report alone, whatever the arms'
-    processes and the libraries print; it draws its plot by default wherever matplotlib is installed (the README's
-    first command installs it)."""
+    """The demo is `sftkey ab` on the generated task, as a command: its data, tiny model and TRL config, then ab's
+    units (one per arm, side by side on the CPU) and ab's report; with --json its stdout is that report alone,
+    whatever the units and the libraries print; it draws report.png by default wherever matplotlib is installed
+    (the README's first command installs it)."""
+    import yaml
+
     out = tmp_path / "demo"
     command = "from sftkey_plugin.cli.main import main; raise SystemExit(main())"
     done = subprocess.run(
@@ -496,30 +499,73 @@ def test_demo_pipeline_small(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert report["steps"] == 4 and report["test_size"] == 16
+    assert report["max_steps"] == 4 and report["test_size"] == 16 and report["seeds"] == [0]
     arms = ["sft_equal", "two_stage", "weighted_x2"]  # the default: plain SFT, the paper, the study's variant
     assert list(report["arms"]) == arms and report["baseline"] == "sft_equal"
+    assert report["arms"]["two_stage"] == {"sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_ratio": 0.8}
+    # ab's plan on the demo's own files: its TRL config (the tiny model in init/, train.jsonl) and test set
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["config"], plan["eval"]) == (str(out / "config.yaml"), str(out / "test.jsonl"))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model_name_or_path"] == str(out / "init") and config["dataset_name"] == str(out / "train.jsonl")
+    assert config["loss_type"] == "nll" and config["max_steps"] == 4
     for arm in arms:
-        assert 0.0 <= report["arms"][arm]["accuracy"] <= 1.0 and report["arms"][arm]["examples"] == 16
-        assert len(load_records(out / f"{arm}.jsonl")) == 16
-        assert (out / arm / "config.json").exists()
-    assert [(arm, c["paired"]) for arm, c in report["comparisons"].items()] == [("two_stage", 16), ("weighted_x2", 16)]
-    assert json.loads((out / "comparison.json").read_text()) == report["comparisons"]
+        unit = out / "runs" / f"{arm}-seed0"
+        assert 0.0 <= report["scores"][arm]["accuracy"]["0"] <= 1.0
+        assert len(load_records(unit / "eval.jsonl")) == 16 and (unit / "model" / "config.json").exists()
+        assert json.loads((unit / "trained.json").read_text())["steps"] == 4
+        # deepspeed (installed here as a test dependency) is told it runs on the CPU, so it prints no warning
+        assert "Setting accelerator to CPU" not in (unit / "train.log").read_text()
+    # each unit trained its arm: plain SFT logs nothing of SFTKey's, weighted_x2 its key weight at every step
+    logged = {arm: json.loads((out / "runs" / f"{arm}-seed0/trained.json").read_text())["log_history"] for arm in arms}
+    assert not any(key.startswith("sftkey/") for entry in logged["sft_equal"] for key in entry)
+    assert [entry["sftkey/key_weight"] for entry in logged["weighted_x2"] if "loss" in entry] == [2.0] * 4
+    assert [(arm, c["per_seed"][0]["paired"]) for arm, c in report["comparisons"].items()] == [
+        ("two_stage", 16), ("weighted_x2", 16)
+    ]  # fmt: skip
+    assert json.loads((out / "report.json").read_text())["comparisons"] == report["comparisons"]
     if importlib.util.find_spec("matplotlib") is None:
         assert report["plot"] is None
     else:
-        assert report["plot"] == str(out / "demo.png") and (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    progress = done.stderr  # with --json the progress goes to stderr, the arms' processes' included
-    assert "[3/4] Training and evaluating 3 arm(s) side by side" in progress
-    assert "two_stage: SFTKey two_stage (the paper), 4 optimizer steps" in progress
-    assert "weighted_x2: SFTKey weighted (key x2), 4 optimizer steps" in progress
-    assert "SFTKey weighted: steps 1-4: key tokens x2, other tokens x1." in progress  # a worker's own log line
-    assert all(f"{arm}: accuracy " in progress for arm in arms)  # printed by each arm's process
-    # deepspeed (installed here as a test dependency) is told it runs on the CPU, so it prints no warning about it
+        assert report["plot"] == str(out / "report.png")
+        assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    progress = done.stderr  # with --json the progress and ab's report go to stderr
+    assert "[3/3] sftkey ab: 3 arm(s) x 1 seed(s), 4 optimizer steps each, 3 side by side" in progress
+    assert "two_stage: SFTKey two_stage (the paper)" in progress
+    # side by side: every unit starts before the first one is done
+    lines = progress.splitlines()
+    started = [lines.index(f"unit {k} of 3 {arm}-seed0: training") for k, arm in enumerate(arms, 1)]
+    finished = [i for i, line in enumerate(lines) if line.startswith("unit ") and ": accuracy " in line]
+    assert len(finished) == 3 and max(started) < min(finished)
+    assert report["verdicts"]["two_stage"] in progress  # ab's report, worded as ab words it
     assert "Setting accelerator to CPU" not in done.stdout + done.stderr
 
 
-def test_demo_arms_are_the_study_arms_and_bad_names_are_refused(capsys):
+def test_demo_hands_its_arms_seeds_and_task_to_ab(tmp_path):
+    """The demo's arms (an arms file's too), seeds and stage-2 ratio are ab's, with the demo's test set; one seed,
+    --seed's, by default."""
+    from sftkey_plugin.cli.ab import resolve_arms
+    from sftkey_plugin.cli.demo import ab_arguments
+    from sftkey_plugin.cli.main import build_parser
+
+    arms_file = tmp_path / "arms.yaml"
+    arms_file.write_text("mine:\n  sftkey_mode: weighted\n  sftkey_key_weight: 1.5\n")
+    argv = ["demo", "--arms", "sft,mine,two_stage", "--arms-file", str(arms_file), "--seeds", "0,1"]
+    args = build_parser().parse_args([*argv, "--stage2-ratio", "0.7"])
+    ab_args = ab_arguments(args, tmp_path, tmp_path / "config.yaml")
+    assert (ab_args.config, ab_args.eval_data, ab_args.out) == (
+        str(tmp_path / "config.yaml"), str(tmp_path / "test.jsonl"), str(tmp_path)
+    )  # fmt: skip
+    assert (ab_args.seeds, ab_args.stage2_ratio, ab_args.max_new_tokens) == ("0,1", 0.7, 64)
+    assert resolve_arms(ab_args.arms, ab_args.arms_file, ab_args.stage2_ratio) == {
+        "sft": {"sftkey": False},
+        "mine": {"sftkey": True, "sftkey_mode": "weighted", "sftkey_key_weight": 1.5},
+        "two_stage": {"sftkey": True, "sftkey_mode": "two_stage", "sftkey_stage2_ratio": 0.7},
+    }
+    assert ab_arguments(build_parser().parse_args(["demo", "--seed", "7"]), tmp_path, tmp_path).seeds == "7"
+
+
+def test_demo_arms_are_the_study_arms_and_bad_names_are_refused(tmp_path, capsys):
     from sftkey_plugin.cli.demo import ARM_LABELS, arm_settings
 
     assert arm_settings("sft_short", 800, 0.8) == (None, 640, 1.0)
@@ -541,7 +587,13 @@ def test_demo_arms_are_the_study_arms_and_bad_names_are_refused(capsys):
         settings = arm_settings(arm, 800, 0.8)[0]
         if settings is not None:
             validate_sftkey_arguments(SFTKeyArguments(sftkey=True, **settings))
-    for bad in ("sft_equal,nope", "two_stage,two_stage", ","):
-        with pytest.raises(SystemExit):
-            main(["demo", "--arms", bad])
-        assert "give distinct arms from" in capsys.readouterr().err
+    # refused before anything is made: unknown, twice, none, and the study's arms that are not equal compute
+    out = tmp_path / "demo"
+    for bad, why in [
+        ("sft_equal,nope", "unknown arm 'nope'"),
+        ("two_stage,two_stage", "give distinct arm names"),
+        (",", "give distinct arm names"),
+        ("sft_equal,sft_short", "unknown arm 'sft_short' (it changes the steps or the learning rate"),
+    ]:
+        assert main(["demo", "--arms", bad, "--output-dir", str(out)]) == 2
+        assert why in capsys.readouterr().err and not out.exists()

@@ -23,13 +23,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .data import CLIError, load_records
-from .demo import ARM_LABELS, DEMO_ARMS, LOSS_SCALED_RATES, arm_settings
+from .demo import ARM_LABELS, DEMO_ARMS, EQUAL_COMPUTE, arm_settings
 
 PLAN_VERSION = 1
 AXOLOTL_PLUGIN = "sftkey_plugin.axolotl.SFTKeyPlugin"
@@ -37,7 +39,7 @@ TRL_TRAIN_MODULE = "sftkey_plugin.cli.train"
 # the keys that tell the two config dialects apart
 FRAMEWORK_KEYS = {"trl": ("model_name_or_path", "dataset_name"), "axolotl": ("base_model", "datasets")}
 PLAIN_SFT = {"sftkey": False}
-# a plan's step count for the demo's arm table: arms that train another number of steps are not equal compute
+# a step count for the demo's arm table, whose sftkey_* settings do not depend on it
 _PROBE_STEPS = 1000
 # the launcher options that give the number of training processes (accelerate, torchrun)
 PROCESS_OPTIONS = ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node")
@@ -56,7 +58,7 @@ def add_parser(subparsers: Any) -> None:
         "`sftkey eval` and report each arm against the first. `sftkey ab report OUT` writes the report of a "
         "finished (or cluster-run) folder.",
         epilog="Built-in arms: sft (plain SFT, also sft_equal); "
-        + "; ".join(f"{name}: {ARM_LABELS[name]}" for name in _builtin_arm_names() if name != "sft_equal")
+        + "; ".join(f"{name}: {ARM_LABELS[name]}" for name in EQUAL_COMPUTE if name != "sft_equal")
         + ". --arms-file adds arms: a YAML mapping {name: {sftkey_* key: value}}.",
     )
     parser.add_argument("config", metavar="CONFIG", help="the TRL or Axolotl YAML (or 'report', then OUT)")
@@ -89,6 +91,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=EVAL_DEFAULTS["max_new_tokens"])
     parser.add_argument("--eval-batch-size", type=int, default=EVAL_DEFAULTS["batch_size"])
     parser.add_argument("--learnt", type=float, help="accuracy above which a seed counts as having learnt the task")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="units trained (and evaluated) side by side (default 1: one after another); on a CPU, with --threads",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each unit's training and evaluation (OMP_NUM_THREADS, MKL_NUM_THREADS; default: "
+        "the environment's)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="write the plan and print the commands; train nothing")
     parser.set_defaults(func=run)
 
@@ -96,20 +110,11 @@ def add_parser(subparsers: Any) -> None:
 # ---------------------------------------------------------------- arms
 
 
-def _builtin_arm_names() -> list[str]:
-    """The demo's arms that change only ``sftkey_*`` keys (not the steps or the learning rate)."""
-    return [
-        name
-        for name in ARM_LABELS
-        if name not in LOSS_SCALED_RATES and arm_settings(name, _PROBE_STEPS, 0.5).steps == _PROBE_STEPS
-    ]
-
-
 def builtin_arm(name: str, ratio: float) -> dict[str, Any] | None:
     """A built-in arm's overrides (``sft`` is plain SFT), None for a name the demo does not know as equal compute."""
     if name == "sft":
         return dict(PLAIN_SFT)
-    if name not in _builtin_arm_names():
+    if name not in EQUAL_COMPUTE:
         return None
     settings = arm_settings(name, _PROBE_STEPS, ratio).sftkey
     return dict(PLAIN_SFT) if settings is None else {"sftkey": True, **settings}
@@ -137,7 +142,7 @@ def resolve_arms(names: str, arms_file: str | None, ratio: float) -> dict[str, d
     for name in chosen:
         overrides = custom.get(name) or builtin_arm(name, ratio)
         if overrides is None:
-            known = ["sft", *_builtin_arm_names(), *custom]
+            known = ["sft", *EQUAL_COMPUTE, *custom]
             reason = " (it changes the steps or the learning rate: not equal compute)" if name in ARM_LABELS else ""
             raise CLIError(f"unknown arm {name!r}{reason}; known: {', '.join(known)}")
         arms[name] = overrides
@@ -442,20 +447,35 @@ def _fail(folder: Path, stage: str, returncode: int, tail: str) -> None:
     )
 
 
-def _run_logged(command: Sequence[str], log: Path, on_poll: Any) -> int:
-    """Run a command with stdout and stderr into ``log``, calling ``on_poll()`` every few seconds; its exit status."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    with log.open("w", encoding="utf-8") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        try:
-            while process.poll() is None:
-                time.sleep(POLL_SECONDS)
-                on_poll()
-        except BaseException:  # interrupted: take the unit's processes down with us, it restarts on the next run
-            process.terminate()
-            process.wait()
-            raise
-    return process.returncode
+class Stopped(Exception):
+    """Another unit of a run with several jobs was interrupted or failed unexpectedly: this one stops too."""
+
+
+class Launch:
+    """How a unit's commands run: each unit's CPU threads, and the signal that stops every running unit."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.stop = threading.Event()
+
+    def __call__(self, command: Sequence[str], log: Path, on_poll: Callable[[], None]) -> int:
+        """Run a command with stdout and stderr into ``log``, calling ``on_poll()`` every few seconds; its exit
+        status."""
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        if self.threads:  # read by torch (and its BLAS) when it starts
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        with log.open("w", encoding="utf-8") as handle:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            try:
+                while process.poll() is None:
+                    if self.stop.wait(POLL_SECONDS):
+                        raise Stopped(command)
+                    on_poll()
+            except BaseException:  # interrupted: take the unit's processes down with us, it restarts on the next run
+                process.terminate()
+                process.wait()
+                raise
+        return process.returncode
 
 
 def _write_trained(folder: Path, state: Mapping[str, Any], seconds: float) -> None:
@@ -475,21 +495,21 @@ def adopt_trained(folder: Path, steps: int) -> bool:
     return True
 
 
-def train_unit(out: Path, plan: Mapping[str, Any], unit: Mapping[str, Any], say: Any) -> bool:
+def train_unit(out: Path, plan: Mapping[str, Any], unit: Mapping[str, Any], say: Any, launch: Launch) -> bool:
     """Train one unit from scratch and write ``trained.json``; ``failed.json`` (and False) when it fails."""
     folder = out / unit["dir"]
     model = folder / "model"
     shutil.rmtree(model, ignore_errors=True)  # a unit killed mid-run restarts: nothing of it counts
     log, steps, started = folder / "train.log", plan["max_steps"], time.perf_counter()
-    shown: list[int | None] = [None]
+    shown = [-steps]
 
-    def show_step() -> None:
+    def show_step() -> None:  # every tenth of the run (and the last step): a line per poll would flood the terminal
         step = current_step(log, steps)
-        if step != shown[0]:
+        if step is not None and (step >= shown[0] + max(1, steps // 10) or step == steps > shown[0]):
             shown[0] = step
             say(f"    {unit['name']}: step {step}/{steps}")
 
-    code = _run_logged(unit["command"], log, show_step)
+    code = launch(unit["command"], log, show_step)
     if code != 0:
         _fail(folder, "train", code, log_tail(log))
         return False
@@ -520,39 +540,63 @@ def eval_command(plan: Mapping[str, Any], folder: Path) -> list[str]:
     ]
 
 
-def evaluate_unit(out: Path, plan: Mapping[str, Any], unit: Mapping[str, Any]) -> bool:
+def evaluate_unit(out: Path, plan: Mapping[str, Any], unit: Mapping[str, Any], launch: Launch) -> bool:
     """Evaluate one trained unit; ``failed.json`` (and False) when it fails."""
     folder = out / unit["dir"]
     log = folder / "eval.log"
-    code = _run_logged(eval_command(plan, folder), log, lambda: None)
+    code = launch(eval_command(plan, folder), log, lambda: None)
     if code != 0:
         _fail(folder, "eval", code, log_tail(log))
     return code == 0
 
 
-def run_units(out: Path, plan: Mapping[str, Any], say: Any) -> list[str]:
-    """Train and evaluate every unit not done yet, one after another; the names of the units that failed."""
-    units, failed = plan["units"], []
+def run_units(out: Path, plan: Mapping[str, Any], say: Any, jobs: int = 1, threads: int | None = None) -> list[str]:
+    """Train and evaluate every unit not done yet, ``jobs`` at a time in the plan's order; the names of the units
+    that failed."""
+    units, launch, lock = plan["units"], Launch(threads), threading.Lock()
     durations: list[float] = []
-    for number, unit in enumerate(units, 1):
+
+    def say_line(*parts: Any) -> None:  # whole lines: units running side by side print at the same time
+        with lock:
+            say(*parts)
+
+    def run_unit(number: int, unit: Mapping[str, Any]) -> bool:
         folder = out / unit["dir"]
         trained, evaluated = (folder / "trained.json").exists(), (folder / "eval.summary.json").exists()
         if trained and evaluated:
-            say(f"unit {number} of {len(units)} {unit['name']}: done before, skipped")
-            continue
-        remaining = len(units) - number + 1
+            say_line(f"unit {number} of {len(units)} {unit['name']}: done before, skipped")
+            return True
+        remaining = math.ceil((len(units) - number + 1) / jobs)
         eta = f", ETA {sum(durations) / len(durations) * remaining / 60:.1f} min" if durations else ""
-        say(f"unit {number} of {len(units)} {unit['name']}: {'evaluating' if trained else 'training'}{eta}")
+        say_line(f"unit {number} of {len(units)} {unit['name']}: {'evaluating' if trained else 'training'}{eta}")
         started = time.perf_counter()
         (folder / "failed.json").unlink(missing_ok=True)  # an earlier failure is retried
-        trained = trained or adopt_trained(folder, plan["max_steps"]) or train_unit(out, plan, unit, say)
-        ok = trained and evaluate_unit(out, plan, unit)
+        trained = trained or adopt_trained(folder, plan["max_steps"]) or train_unit(out, plan, unit, say_line, launch)
+        ok = trained and evaluate_unit(out, plan, unit, launch)
         if ok:
-            durations.append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            durations.append(seconds)
+            summary = json.loads((folder / "eval.summary.json").read_text(encoding="utf-8"))
+            say_line(
+                f"unit {number} of {len(units)} {unit['name']}: accuracy {summary['accuracy']:.3f}, format accuracy "
+                f"{summary['format_accuracy']:.3f} ({seconds:.0f} s)"
+            )
         else:
-            failed.append(unit["name"])
-            say(f"    {unit['name']} failed: see {folder / 'failed.json'}")
-    return failed
+            say_line(f"    {unit['name']} failed: see {folder / 'failed.json'}")
+        return ok
+
+    if jobs <= 1:
+        results = [run_unit(number, unit) for number, unit in enumerate(units, 1)]
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(run_unit, number, unit) for number, unit in enumerate(units, 1)]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:  # Ctrl-C (or a bug): units not begun never start, running ones are stopped
+                launch.stop.set()
+                pool.shutdown(cancel_futures=True)
+                raise
+    return [unit["name"] for unit, ok in zip(units, results) if not ok]
 
 
 def print_commands(out: Path, plan: Mapping[str, Any]) -> None:
@@ -564,13 +608,25 @@ def print_commands(out: Path, plan: Mapping[str, Any]) -> None:
     print(f"trains the others, evaluates each and writes the report (alone: sftkey ab report {shlex.quote(str(out))})")
 
 
-def report(out: Path) -> None:
-    """Write and print the report of an OUT folder (``ab_report``)."""
+def report(out: Path, plot: bool = True) -> dict[str, Any]:
+    """Write and print the report of an OUT folder (``ab_report``; ``plot``: with ``report.png``); the report."""
     from .ab_report import build_report, format_report, write_report
 
     built = build_report(out)
-    write_report(out, built)
+    write_report(out, built, plot)
     print(format_report(built))
+    return built
+
+
+def execute(
+    out: Path, plan: Mapping[str, Any], jobs: int = 1, threads: int | None = None, plot: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """Run a written plan's units not done yet, then write and print the report; the report and the failed units."""
+    failed = run_units(out, plan, lambda *parts: print(*parts, flush=True), jobs, threads)
+    built = report(out, plot)
+    if failed:
+        print(f"sftkey ab: {len(failed)} unit(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return built, failed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -588,8 +644,5 @@ def run(args: argparse.Namespace) -> int:
     print_commands(out, plan)
     if args.dry_run:
         return 0
-    failed = run_units(out, plan, lambda *parts: print(*parts, flush=True))
-    report(out)
-    if failed:
-        print(f"sftkey ab: {len(failed)} unit(s) failed: {', '.join(failed)}", file=sys.stderr)
+    _, failed = execute(out, plan, args.jobs, args.threads)
     return 1 if failed else 0

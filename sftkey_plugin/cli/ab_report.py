@@ -337,8 +337,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_markdown(report: Mapping[str, Any], plot: str | None) -> str:
-    """``report.md``: the settings, the verdicts, the per-seed and over-seed tables, the curves, the left-out units."""
+def format_markdown(report: Mapping[str, Any], plot: str | None, asked: bool = True) -> str:
+    """``report.md``: the settings, the verdicts, the per-seed and over-seed tables, the curves, the left-out units
+    (``asked``: a plot was wanted, so its absence is explained)."""
     baseline, level = report["baseline"], f"{report['confidence']:.0%}"
     lines = [
         "# sftkey ab report",
@@ -408,7 +409,7 @@ def format_markdown(report: Mapping[str, Any], plot: str | None) -> str:
     lines += ["", "## Training curves", ""]
     if plot:
         lines.append(f"![loss curves and accuracies]({Path(plot).name})")
-    else:
+    elif asked:
         lines.append("(no plot: matplotlib is not installed; pip install matplotlib to get report.png)")
     for arm, curve in report["curves"].items():
         if curve["loss"]:
@@ -420,8 +421,9 @@ def format_markdown(report: Mapping[str, Any], plot: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
-    """``report.png`` (when matplotlib is importable), ``report.md`` and ``report.json`` in ``out``; the paths."""
+def write_report(out: Path, report: dict[str, Any], plot: bool = True) -> list[Path]:
+    """``report.png`` (with ``plot``, when matplotlib is importable), ``report.md`` and ``report.json`` in ``out``;
+    the paths."""
     out = Path(out)
     scores = {
         arm: {metric: list(values.values()) for metric, values in by_metric.items()}
@@ -429,8 +431,8 @@ def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
         if by_metric["accuracy"]
     }
     title = f"{Path(report['eval']).name}: accuracy per arm (dots: seeds)"
-    plot = write_plot(out / "report.png", report["curves"], scores, title) if scores else None
-    report["plot"] = plot
-    (out / "report.md").write_text(format_markdown(report, plot), encoding="utf-8")
+    drawn = write_plot(out / "report.png", report["curves"], scores, title) if plot and scores else None
+    report["plot"] = drawn
+    (out / "report.md").write_text(format_markdown(report, drawn, plot), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    return [Path(path) for path in (plot, out / "report.md", out / "report.json") if path]
+    return [Path(path) for path in (drawn, out / "report.md", out / "report.json") if path]
