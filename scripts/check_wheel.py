@@ -3,7 +3,8 @@
 Fails (exit 1, via AssertionError) unless the package comes from the installed wheel, its version is the metadata's,
 it carries the licence text its metadata declares, every public name imports, its entry points are exactly those
 pyproject.toml declares (group, name and target: a build that drops one fails) and each resolves, and the ``sftkey``
-command and its subcommands run.
+command and its subcommands run: ``sftkey demo`` as a tiny ``sftkey ab`` run, ``sftkey ab report`` and ``sftkey ab
+--dry-run``.
 """
 
 from __future__ import annotations
@@ -155,13 +156,35 @@ def check_commands(version: str) -> list[str]:
 
 
 def check_demo(output_dir: Path) -> float:
-    """``sftkey demo --quick`` trains and scores its arms through the installed TRL adapter; its wall time."""
+    """``sftkey demo`` (``sftkey ab`` on its generated task and tiny model: 2 arms x 1 seed x 2 steps) trains each
+    unit through the installed ``sftkey train`` and scores it through ``sftkey eval``; its wall time."""
     started = time.perf_counter()
-    report = json.loads(sftkey("demo", "--quick", "--device", "cpu", "--json", "--output-dir", str(output_dir)))
-    assert report["steps"] == 20 and len(report["arms"]) >= 2, report
-    for arm, summary in report["arms"].items():
-        assert 0 <= summary["accuracy"] <= 1 and summary["steps"] > 0, (arm, summary)
+    arguments = ("--quick", "--steps", "2", "--arms", "sft,weighted_x2", "--device", "cpu", "--no-plot", "--json")
+    report = json.loads(sftkey("demo", *arguments, "--output-dir", str(output_dir)))
+    assert report["max_steps"] == 2 and list(report["arms"]) == ["sft", "weighted_x2"], report
+    assert [unit["status"] for unit in report["units"]] == ["ok", "ok"], report["units"]
+    for arm, scores in report["scores"].items():
+        assert 0 <= scores["accuracy"]["0"] <= 1, (arm, scores)
+    plan = json.loads((output_dir / "plan.json").read_text(encoding="utf-8"))
+    assert all(unit["command"][0] == sys.executable for unit in plan["units"]), plan["units"]  # this venv's python
+    assert "weighted_x2 - sft:" in sftkey("ab", "report", str(output_dir))
     return time.perf_counter() - started
+
+
+def check_ab_plan(demo_dir: Path) -> int:
+    """``sftkey ab --dry-run`` on the demo's TRL config and test set: one runnable config per arm and seed, the
+    command that trains each, nothing trained; the number of units."""
+    out = demo_dir / "dry-run"
+    config, test = str(demo_dir / "config.yaml"), str(demo_dir / "test.jsonl")
+    printed = sftkey("ab", config, "--eval", test, "--arms", "sft,two_stage", "--seeds", "0,1", "--out", str(out),
+                     "--dry-run")  # fmt: skip
+    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    assert [unit["name"] for unit in plan["units"]] == ["sft-seed0", "two_stage-seed0", "sft-seed1", "two_stage-seed1"]
+    for unit in plan["units"]:
+        assert (out / unit["config"]).is_file() and not (out / unit["dir"] / "train.log").exists(), unit
+        assert unit["command"][:3] == [sys.executable, "-m", "sftkey_plugin.cli.train"], unit["command"]
+        assert " ".join(unit["command"]) in printed, printed
+    return len(plan["units"])
 
 
 def main() -> None:
@@ -179,7 +202,11 @@ def main() -> None:
     check_finders_come_from_the_entry_point()
     print("finders: registered through the installed entry point")
     print(f"sftkey --help, --version and --help of: {', '.join(check_commands(dist.version))}")
-    print(f"sftkey demo --quick: {check_demo(Path.cwd() / 'demo'):.0f} s")
+    demo_dir = Path.cwd() / "demo"
+    print(
+        f"sftkey demo --quick --steps 2 (sftkey ab, 2 arms x 1 seed) and sftkey ab report: {check_demo(demo_dir):.0f} s"
+    )
+    print(f"sftkey ab --dry-run on the demo's TRL config: {check_ab_plan(demo_dir)} units planned")
 
 
 if __name__ == "__main__":
