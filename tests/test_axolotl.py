@@ -379,20 +379,25 @@ def _torchrun(config: Path, processes: int) -> list[str]:
     return [*command, "--standalone", "--nproc_per_node", str(processes)]
 
 
+def _chat_datasets(workdir, name: str, records: list[dict]) -> list[dict]:
+    """The ``datasets`` of a config that trains on a TRL run's prompt/completion ``records`` as chats."""
+    data = workdir["root"] / f"{name}.jsonl"
+    # a chat of the prompt and completion messages; the record's other columns (an example weight) kept
+    rows = [{"messages": r.pop("prompt") + r.pop("completion"), **r} for r in records]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return [{"path": str(data), "ds_type": "json", "type": "chat_template"}]
+
+
 def _multiprocess_run(workdir, name: str, overrides: dict, processes: int) -> dict:
     """Train one config with ``processes`` CPU processes on the TRL runs' ``mixed_records`` as chats, with the data
     weights the config reads (``multiprocess_worker.data_for``); each process's record (see ``axolotl_recorder``)."""
     from multiprocess_worker import GLOBAL_BATCH, STEPS, data_for, mixed_records
 
-    data = workdir["root"] / f"{name}.jsonl"
-    # a chat of the prompt and completion messages; the record's other columns (an example weight) kept
-    rows = [{"messages": r.pop("prompt") + r.pop("completion"), **r} for r in data_for(mixed_records(), overrides)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     path, config = _full_finetune_config(
         workdir,
         name,
         {
-            "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
+            "datasets": _chat_datasets(workdir, name, data_for(mixed_records(), overrides)),
             "plugins": ["axolotl_recorder.TrainingRecorder", *LISTED],
             "max_steps": STEPS,
             "micro_batch_size": GLOBAL_BATCH // processes,
@@ -510,17 +515,19 @@ def test_fsdp2_two_processes_equal_one_process(workdir):
 
 
 def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
-    """As test_reliability.py's TRL test: killed during step 5 (stage 2 from step 3), resumed from checkpoint-4 with
-    ``resume_from_checkpoint``, the run ends with the stages, losses and weights of a run never stopped."""
+    """As test_reliability.py's TRL test with weights from the data (``two_stage_data``: the TRL run's records as
+    chats, message, example and prompt weights): killed during step 5 (stage 2 from step 3), resumed from checkpoint-4
+    with ``resume_from_checkpoint``, the run ends with the stages, losses, mean weights and weights of a run never
+    stopped. Two_stage without data weights is not run apart (three more Axolotl launches); the TRL test runs both."""
+    from multiprocess_worker import INTERRUPT_RUNS, interrupt_records
     from safetensors.torch import load_file
     from test_reliability import kill_when_ready, max_abs_diff
 
+    run = "two_stage_data"
     interrupted = {
         "plugins": ["axolotl_recorder.StallAfterCheckpointPlugin", *LISTED],
-        "sftkey_mode": "two_stage",
-        "sftkey_stage2_steps": 2,
-        "max_steps": 6,
-        "save_steps": 2,
+        "datasets": _chat_datasets(workdir, "interrupted", interrupt_records(run)),
+        **INTERRUPT_RUNS[run],
     }
     root = workdir["root"]
     train = [sys.executable, "-m", "axolotl.cli.train"]
@@ -546,8 +553,14 @@ def test_killed_mid_stage_two_resumes_to_the_same_weights(workdir):
     resumed_logs, full_logs = _train_logs(histories[1]), _train_logs(histories[0])
     assert [h["sftkey/stage"] for h in resumed_logs] == [h["sftkey/stage"] for h in full_logs] == [1, 1, 2, 2, 2, 2]
     assert [h["loss"] for h in resumed_logs] == pytest.approx([h["loss"] for h in full_logs], rel=1e-6)
+    # steps 1-4 logged by the killed run, 5-6 by the resumed one
+    mean_weights = [h["sftkey/mean_weight"] for h in full_logs]
+    assert [h["sftkey/mean_weight"] for h in resumed_logs] == pytest.approx(mean_weights, rel=1e-6)
+    # the data weights reached the loss (two_stage alone weighs every trained token 1): dropped from both runs, the
+    # comparisons above would still pass
+    assert all(w != pytest.approx(1.0) for w in mean_weights)
     diff = max_abs_diff(*(load_file(Path(c["output_dir"]) / "model.safetensors") for c in (killed, full)))
-    print(f"\nAxolotl resume after SIGKILL: max |weight diff| {diff:.2e}")
+    print(f"\nAxolotl resume after SIGKILL ({run}): mean weights {mean_weights}, max |weight diff| {diff:.2e}")
     assert diff < 1e-6
 
 
