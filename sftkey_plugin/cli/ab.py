@@ -223,14 +223,9 @@ def framework_check(framework: str, path: Path, label: str) -> Any:
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
             if framework == "trl":
-                from .train import make_parser
+                from .train import parse
 
-                *parsed, unknown = make_parser().parse_args_and_config(
-                    ["--config", str(path)], return_remaining_strings=True
-                )
-                if unknown:
-                    raise ValueError(f"unknown keys {[item.lstrip('-') for item in unknown if item[:2] == '--']}")
-                return parsed
+                return parse(["--config", str(path)])
             from axolotl.cli.config import load_cfg
 
             return load_cfg(str(path))

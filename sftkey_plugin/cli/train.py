@@ -100,15 +100,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = PROG) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         args = ["--help"]
-    *parsed, unknown = make_parser(prog).parse_args_and_config(args, return_remaining_strings=True)
+    train(*parse(args, prog))
+    return 0
+
+
+def parse(args: Sequence[str], prog: str | None = PROG) -> list[Any]:
+    """The four argument dataclasses of ``args``; a key none of them knows is an error naming it."""
+    *parsed, unknown = make_parser(prog).parse_args_and_config(list(args), return_remaining_strings=True)
     if unknown:
         keys = [item.lstrip("-") for item in unknown if item.startswith("--")] or unknown
         raise ValueError(
             f"unknown keys {keys}: not fields of ScriptArguments, SFTKeyConfig, ModelConfig or DatasetMixtureConfig "
             f"(`{prog} --help` lists them; settings of `accelerate launch` go on its command line)"
         )
-    train(*parsed)
-    return 0
+    return parsed
 
 
 def add_parser(subparsers: Any) -> None:
