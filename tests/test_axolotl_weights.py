@@ -111,6 +111,43 @@ def test_rows_carry_the_hand_derived_weights(axolotl_env, workdir, weighted_data
     )
 
 
+def _leave_out_first_answer(how: str) -> dict:
+    """The two-turn record with its first answer left out by the data (``training: false``, or one content part
+    marked ``train: false``), that answer's weight removed."""
+    record = copy.deepcopy(weighted_records()[0])
+    answer = next(m for m in record["messages"] if m["role"] == "assistant")
+    del answer["weight"]
+    if how == "training":
+        answer["training"] = False
+    else:
+        answer["content"] = [{"type": "text", "text": answer["content"], "train": False}]
+    return record
+
+
+@pytest.mark.parametrize("how", ["training", "training_detail"])
+def test_the_prompt_weight_leaves_out_the_answers_the_data_leaves_out(axolotl_env, workdir, weighted_data, how):
+    """An assistant turn that Axolotl's ``training: false`` / ``training_detail`` leaves out is not prompt: its
+    untrained tokens stay at label -100 and weight 0. The prompt tokens are those Axolotl's role rule leaves out."""
+    record = _leave_out_first_answer(how)
+    as_roles = copy.deepcopy(record)
+    for message in as_roles["messages"]:
+        message.pop("training", None)
+        if isinstance(message["content"], list):
+            message["content"] = message["content"][0]["text"]
+    plain, config = _config(workdir, "plain", {}), _data_config(workdir, weighted_data)
+    for dataset in (*plain["datasets"], *config["datasets"]):
+        dataset["message_field_training"] = "training"  # Axolotl reads no such field unless told
+    base, roles = _tokenize(_strategy(axolotl_env, plain)[2], [record, as_roles])
+    _, _, strategy = _strategy(axolotl_env, config)
+    row = _tokenize(strategy, [copy.deepcopy(record)])[0]
+    assert row["input_ids"] == base["input_ids"] == roles["input_ids"]
+    left_out = [i for i, (a, b) in enumerate(zip(base["labels"], roles["labels"])) if a == -100 and b != -100]
+    assert len(left_out) > 5
+    assert row["sftkey_prompt"] == [int(i > 0 and label == -100) for i, label in enumerate(roles["labels"])]
+    assert [row["labels"][i] for i in left_out] == [-100] * len(left_out)
+    assert [row["sftkey_weight"][i] for i in left_out] == [0.0] * len(left_out)
+
+
 def _record_with(change) -> dict:
     record = copy.deepcopy(weighted_records()[3])
     change(record)

@@ -21,7 +21,8 @@ Data weights (``sftkey_message_weight_field`` on assistant messages, ``sftkey_ex
 ``sftkey_prompt_weight``): Axolotl drops message fields it does not know, so each message's weight is read from the
 record and placed by the same core step as on the TRL side; the row then carries ``sftkey_weight`` and
 ``sftkey_prompt`` composed on Axolotl's labels (``compose_data_weights``: the tokens ``train_on_inputs: false`` /
-``roles_to_train`` leave out get the prompt weight and their labels back) and the counts ``sftkey_message_weights``
+``roles_to_train`` leave out get the prompt weight and their labels back; a turn the data leaves out with
+``training`` / ``training_detail`` stays untrained) and the counts ``sftkey_message_weights``
 and ``sftkey_example_weighted``. The strategy sees one record at a time (and none on a prepared-data cache hit), so it
 makes these columns on every row; the trainer decides from the prepared rows whether data weights are on, and
 removes the columns when they are not.
@@ -66,6 +67,8 @@ SFTKEY_FINDER = "sftkey_finder"
 # per-row counts of the record's data weights, read and removed by the trainer
 MESSAGE_WEIGHTS = "sftkey_message_weights"
 EXAMPLE_WEIGHTED = "sftkey_example_weighted"
+# the turn fields by which the data, rather than the role, decides what Axolotl trains
+DATA_TRAINING = ("training", "training_detail", "reasoning_training_detail")
 
 
 class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
@@ -84,6 +87,7 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         self.on_missing = on_missing
         self.weights = weights
         self._reasoning_checked = False
+        self._roles_only = False  # get_conversation_thread without DATA_TRAINING: Axolotl's role rule alone
         if marking is not None:
             require_fast_tokenizer(self.tokenizer)
 
@@ -113,10 +117,36 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
                     marked[SFTKEY_WEIGHT],
                     example_weight,
                     self.weights.prompt_weight,
+                    self._prompt_tokens(prompt, result["input_ids"]) if self.weights.prompt_weight > 0 else None,
                 )
             )
         result.update(marked)
         return result
+
+    def get_conversation_thread(self, prompt: dict) -> list[dict]:  # type: ignore[override]
+        turns = super().get_conversation_thread(prompt)
+        if self._roles_only:
+            return [{key: value for key, value in turn.items() if key not in DATA_TRAINING} for turn in turns]
+        return turns
+
+    def _prompt_tokens(self, prompt: dict, input_ids: list[int]) -> list[int] | None:
+        """1 on the tokens the prompt weight may train: those Axolotl leaves out by its role rule alone, so that a
+        turn the data leaves out (``training: false``, ``training_detail``) stays untrained. None when no turn
+        carries such a field: every token Axolotl leaves out."""
+        if not any(key in turn for turn in self.get_conversation_thread(prompt) for key in DATA_TRAINING):
+            return None
+        self._roles_only = True
+        try:
+            as_roles = super()._tokenize_single_prompt(prompt)
+        finally:
+            self._roles_only = False
+        if list(as_roles["input_ids"]) != list(input_ids):
+            raise ValueError(
+                "SFTKey: the chat template renders the turns' training fields, so the prompt tokens of the example "
+                f"whose last assistant message is {self._last_assistant(prompt)[-200:]!r} cannot be told apart from "
+                "the turns the data leaves out. Set sftkey_prompt_weight: 0 or remove the training fields."
+            )
+        return [int(label == IGNORE_TOKEN_ID) for label in as_roles["labels"]]
 
     def _last_assistant(self, prompt: dict) -> str:
         for turn in reversed(self.get_conversation_thread(prompt)):
