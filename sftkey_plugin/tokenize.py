@@ -30,6 +30,7 @@ from .weights import (
     SFTKEY_WEIGHT,
     DataWeightOptions,
     RecordWeights,
+    describe_record,
     message_token_weights,
     record_weights,
 )
@@ -462,7 +463,12 @@ def tokenize_with_key_mask(
         output["completion_mask"] = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
 
     if record is not None:
-        output[SFTKEY_WEIGHT] = _token_data_weights(encoded["offset_mapping"], turns, record)
+        if conversation is not None and record.messages and "assistant_masks" in output:
+            output[SFTKEY_WEIGHT] = _generation_data_weights(output["assistant_masks"], conversation, record, example)
+        else:
+            if conversation is not None:
+                _refuse_unplaced_answers(conversation, first, indices, record, example)
+            output[SFTKEY_WEIGHT] = _token_data_weights(encoded["offset_mapping"], turns, record)
         output[SFTKEY_EXAMPLE_WEIGHT] = record.example_weight
     if marking.turns == "last":
         turns = turns[-1:]
@@ -480,6 +486,51 @@ def tokenize_with_key_mask(
         )
     output.update(marked.columns())
     return output
+
+
+def _generation_data_weights(
+    assistant_masks: Sequence[int],
+    conversation: list[Mapping[str, Any]],
+    record: RecordWeights,
+    example: Mapping[str, Any],
+) -> list[float]:
+    """Each token's message x example weight under ``assistant_only_loss``: each run of the template's generation
+    blocks is one assistant message, in order (a tool-call message too, at its own weight, 1 when it has none), so
+    the template's text after a message's content in its block is that message's."""
+    assistants = [index for index, message in enumerate(conversation) if message.get("role") == "assistant"]
+    labels = [1 if trained else IGNORE_INDEX for trained in assistant_masks]
+    runs = len(trained_segments(labels))
+    if runs != len(assistants):
+        raise ValueError(
+            f"SFTKey: the chat template's generation blocks make {runs} trained runs for the "
+            f"{len(assistants)} assistant messages of a record whose messages carry weights, so the weights cannot "
+            f"be placed on its tokens. The record: {describe_record(example)}"
+        )
+    turn_weights = [record.messages.get(index, 1.0) * record.example_weight for index in assistants]
+    weights = message_weights_by_runs(labels, turn_weights)
+    return [weight if trained else record.example_weight for weight, trained in zip(weights, assistant_masks)]
+
+
+def _refuse_unplaced_answers(
+    conversation: list[Mapping[str, Any]],
+    first: int,
+    placed: list[int],
+    record: RecordWeights,
+    example: Mapping[str, Any],
+) -> None:
+    """Message weights are placed by where each answer's content ends in the render; an assistant message of the
+    trained part that is not placed (a tool call without text) would take the next answer's weight: refused."""
+    unplaced = [
+        index
+        for index in range(first, len(conversation))
+        if conversation[index].get("role") == "assistant" and index not in placed
+    ]
+    if record.messages and unplaced:
+        raise ValueError(
+            f"SFTKey: assistant message(s) {unplaced} of a record whose messages carry weights have no text (tool "
+            "calls), so their tokens cannot be told apart from the next answer's: use messages records with "
+            f"assistant_only_loss=True, or remove the weights. The record: {describe_record(example)}"
+        )
 
 
 def _token_data_weights(

@@ -58,7 +58,7 @@ class RecordWeights:
         return 1.0 if self.example is None else self.example
 
 
-def _describe(example: Mapping[str, Any]) -> str:
+def describe_record(example: Mapping[str, Any]) -> str:
     """A short excerpt that identifies a record in an error message."""
     text = repr(dict(example))
     return text if len(text) <= 120 else text[:117] + "..."
@@ -75,7 +75,7 @@ def _weight(value: Any, what: str, index: int | None, example: Mapping[str, Any]
     elif value < 0:
         problem = f"is negative ({value}); {NOT_UNLIKELIHOOD}"
     if problem is not None:
-        raise ValueError(f"{where}: {what} {problem}. The record: {_describe(example)}")
+        raise ValueError(f"{where}: {what} {problem}. The record: {describe_record(example)}")
     return float(value)
 
 
@@ -109,19 +109,19 @@ def record_weights(example: Mapping[str, Any], options: DataWeightOptions, index
         if message.get("role") != "assistant":
             raise ValueError(
                 f"{where}: {what}: only assistant messages are trained, so only they take a weight (the prompt "
-                f"tokens weigh sftkey_prompt_weight). The record: {_describe(example)}"
+                f"tokens weigh sftkey_prompt_weight). The record: {describe_record(example)}"
             )
         assert conversation is not None
         if number < conversation[1]:
             raise ValueError(
                 f"{where}: {what} is on a message of the prompt, which is not trained: move it into the completion. "
-                f"The record: {_describe(example)}"
+                f"The record: {describe_record(example)}"
             )
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ValueError(
                 f"{where}: {what} is on an assistant message without text content, which SFTKey cannot place. "
-                f"The record: {_describe(example)}"
+                f"The record: {describe_record(example)}"
             )
         messages[number] = weight
     return RecordWeights(messages, example_weight)
@@ -152,6 +152,8 @@ def features_hold(features: Any, name: str) -> bool:
         return name in features or any(features_hold(value, name) for value in features.values())
     if isinstance(features, list | tuple):
         return any(features_hold(value, name) for value in features)
+    if type(features).__name__ == "Json":  # free-form JSON (datasets' type for dicts whose keys differ): may hold it
+        return True
     inner = getattr(features, "feature", None)
     return inner is not None and features_hold(inner, name)
 

@@ -333,3 +333,55 @@ def test_preview_shows_each_token_weight_and_the_counts(tiny_dir, tmp_path, caps
     path.write_text(json.dumps({**weighted_records()[0], "score": -1}) + "\n")
     assert main(["preview", str(path), "--tokenizer", tiny_dir, *options]) != 0
     assert "record 0: 'score' is negative" in capsys.readouterr().err
+
+
+# a generation block that holds the tool calls and the newline after the end of turn
+TOOL_GENERATION = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] or '' }}{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + call['function']['name'] + '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% endgeneration %}{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOOL_CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 4, "b": 4}}}
+
+
+def tool_conversation() -> list[dict]:
+    """An answer weighted 0.5, a tool call without text (no weight), its result, and an answer weighted 3.0."""
+    return [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<answer>5</answer>", "weight": 0.5},
+        {"role": "user", "content": "And 4+4?"},
+        {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "content": "8"},
+        {"role": "assistant", "content": "<answer>8</answer>", "weight": 3.0},
+    ]
+
+
+def test_a_tool_call_and_the_text_after_an_answer_keep_their_own_message_weight(tiny_dir, tmp_path):
+    """assistant_only_loss: a tool-call message's trained tokens weigh its own weight (1), not the next answer's, and
+    the template's newline after an answer's end of turn (inside its generation block) weighs that answer's."""
+    from sftkey_plugin.tokenize import trained_segments
+
+    trainer = built(
+        tiny_dir, tmp_path, [{"messages": tool_conversation()}], sftkey_mode="weighted", assistant_only_loss=True,
+        chat_template=TOOL_GENERATION,
+    )  # fmt: skip
+    row = trainer.train_dataset[0]
+    runs = trained_segments(row["labels"])
+    assert [set(row["sftkey_weight"][a:b]) for a, b in runs] == [{0.5}, {1.0}, {3.0}]
+    assert trainer.processing_class.decode(row["input_ids"][runs[0][1] - 1]) == "\n"
+
+
+def test_message_weights_with_an_unplaced_tool_call_in_the_completion_are_refused(tokenizer):
+    """A prompt/completion record places its answers by their content: a tool call without text in its completion
+    would take the next answer's weight, so the record is refused, named."""
+    from sftkey_plugin.tokenize import MarkingOptions, tokenize_with_key_mask
+
+    messages = tool_conversation()
+    del messages[1]["weight"]  # a weight in the prompt is refused on its own
+    record = {"prompt": messages[:3], "completion": messages[3:]}
+    with pytest.raises(ValueError, match=r"assistant message\(s\) \[3\] .*tool calls.*The record: \{'prompt'"):
+        tokenize_with_key_mask(
+            record, tokenizer, MarkingOptions(), chat_template=TOOL_GENERATION, weights=DataWeightOptions()
+        )
