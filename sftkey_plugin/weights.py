@@ -136,7 +136,6 @@ class DataWeightScan:
     weighted_records: int = 0  # records with a message or an example weight
     message_weights: int = 0
     example_weights: int = 0
-    fractional: bool = False  # some weight other than 0 and 1 (so the loss needs per-token losses)
 
     @property
     def active(self) -> bool:
@@ -175,8 +174,6 @@ def scan_data_weights(
         scan.weighted_records += bool(weights.messages) or weights.example is not None
         scan.message_weights += len(weights.messages)
         scan.example_weights += weights.example is not None
-        values = [*weights.messages.values(), *([weights.example] if weights.example is not None else [])]
-        scan.fractional |= any(value not in (0.0, 1.0) for value in values)
     if name == "train":
         check_weight_fields(scan, name)
     return scan
