@@ -148,6 +148,28 @@ def test_the_prompt_weight_leaves_out_the_answers_the_data_leaves_out(axolotl_en
     assert [row["sftkey_weight"][i] for i in left_out] == [0.0] * len(left_out)
 
 
+def test_tokens_apart_from_the_render_pair_the_answers_axolotl_trains(axolotl_env, workdir):
+    """Where Axolotl's tokens differ from the render, the answers paired with its trained runs are those of the turns
+    it trains (``training: 0`` leaves a turn out, as Axolotl reads it): the answer kept apart from its reasoning is
+    then found, not ``not_located``."""
+    record = {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "reasoning_content": "2 + 3 = 5.", "content": "<Answer>5</Answer>", "training": 0},
+            {"role": "user", "content": "And 5 - 1?"},
+            {"role": "assistant", "reasoning_content": "5 - 1 = 4.", "content": "<Answer>4</Answer>"},
+        ]
+    }
+    config = _config(workdir, "training_zero", SFTKEY_ON)
+    config["datasets"][0]["message_field_training"] = "training"
+    _, _, strategy = _strategy(axolotl_env, config)
+    row = _tokenize(strategy, [copy.deepcopy(record)])[0]
+    assert len(trained_segments(row["labels"])) == 1  # the first answer is left out
+    ids, labels = [*row["input_ids"], strategy.tokenizer.eos_token_id], [*row["labels"], -100]
+    marked = strategy.key_mask(copy.deepcopy(record), ids, labels)
+    assert marked["sftkey_finder"] not in ("", "not_located") and 1 in marked["sftkey_mask"]
+
+
 def _record_with(change) -> dict:
     record = copy.deepcopy(weighted_records()[3])
     change(record)

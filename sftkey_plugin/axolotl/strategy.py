@@ -223,7 +223,7 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
             answers = [
                 turns[i]["content"] if marking.has_reasoning(turns[i]) else None
                 for i in answer_turns(turns, 0, "all")
-                if turns[i].get("training") is not False
+                if self._trained(turns[i])
             ]
             columns = key_mask_from_token_ids(input_ids, labels, self.tokenizer, marking, prompt, answers).columns()
             if record is not None:  # each run of trained tokens is one trained turn
