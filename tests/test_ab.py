@@ -334,3 +334,28 @@ def test_a_launcher_runs_the_module_form_and_counts_its_processes(trl_setup, tmp
         config = out / unit["config"]
         assert unit["command"] == [*launcher.split(), "-m", "sftkey_plugin.cli.train", "--config", str(config)]
         assert yaml.safe_load(config.read_text())["max_steps"] == 2
+
+
+def test_plain_sft_weighs_the_data_as_the_sftkey_arms_do(trl_setup, tmp_path):
+    """Weights from the data (a data-weight key, or `weight` on the data's messages) reach every arm: plain SFT then
+    trains through SFTKey's loss at key = other = 1 instead of stock SFT, which would leave them out of the
+    baseline; without them plain SFT stays stock."""
+
+    def sft_unit(config: Path, out: Path) -> dict:
+        assert sftkey(["ab", str(config), *_ab_args(trl_setup, out, "--dry-run", seeds="0")[2:]]) == 0
+        plan = json.loads((out / "plan.json").read_text())
+        unit = yaml.safe_load((out / "runs/sft-seed0/config.yaml").read_text())
+        return {"data_weights": plan["data_weights"], **unit}
+
+    plain = sft_unit(trl_setup["config"], tmp_path / "plain")
+    assert plain["sftkey"] is False and plain["data_weights"] is None
+    keyed = _write_yaml(tmp_path / "wit.yaml", {**trl_setup["keys"], "sftkey_prompt_weight": 0.1})
+    weighted_records = arithmetic_records(12, seed=3)
+    weighted_records[0]["messages"][1]["weight"] = 2.0
+    data = _write_jsonl(tmp_path / "weighted.jsonl", weighted_records)
+    in_data = _write_yaml(tmp_path / "in_data.yaml", {**trl_setup["keys"], "dataset_name": str(data)})
+    for config, source in ((keyed, "wit.yaml sets sftkey_prompt_weight"), (in_data, "weighted.jsonl has 'weight'")):
+        unit = sft_unit(config, tmp_path / config.stem)
+        assert source in unit["data_weights"]
+        assert unit["sftkey"] is True and unit["sftkey_mode"] == "weighted"
+        assert unit["sftkey_key_weight"] == unit["sftkey_other_weight"] == 1.0

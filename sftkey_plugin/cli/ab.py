@@ -37,8 +37,13 @@ PLAN_VERSION = 1
 AXOLOTL_PLUGIN = "sftkey_plugin.axolotl.SFTKeyPlugin"
 TRL_TRAIN_MODULE = "sftkey_plugin.cli.train"
 # the keys that tell the two config dialects apart
-FRAMEWORK_KEYS = {"trl": ("model_name_or_path", "dataset_name"), "axolotl": ("base_model", "datasets")}
+# the keys that tell the two config dialects apart (both may name `datasets`: TRL's mixtures)
+FRAMEWORK_KEYS = {"trl": ("model_name_or_path",), "axolotl": ("base_model",)}
 PLAIN_SFT = {"sftkey": False}
+# plain SFT through SFTKey's loss: the data's weights apply, key and other tokens weigh the same
+PLAIN_SFT_WITH_DATA_WEIGHTS = {"sftkey": True, "sftkey_mode": "weighted", "sftkey_key_weight": 1.0,
+                               "sftkey_other_weight": 1.0}  # fmt: skip
+DATA_WEIGHT_KEYS = ("sftkey_message_weight_field", "sftkey_example_weight_field", "sftkey_prompt_weight")
 # a step count for the demo's arm table, whose sftkey_* settings do not depend on it
 _PROBE_STEPS = 1000
 # the launcher options that give the number of training processes (accelerate, torchrun)
@@ -147,6 +152,38 @@ def resolve_arms(names: str, arms_file: str | None, ratio: float) -> dict[str, d
             raise CLIError(f"unknown arm {name!r}{reason}; known: {', '.join(known)}")
         arms[name] = overrides
     return arms
+
+
+def local_training_data(config: Mapping[str, Any]) -> list[str]:
+    """The config's training data that is on this machine: TRL's ``dataset_name``, any ``datasets[].path``."""
+    entries = [entry for entry in config.get("datasets") or [] if isinstance(entry, Mapping)]
+    names = [config.get("dataset_name"), *(entry.get("path") for entry in entries)]
+    return [str(name) for name in names if name and Path(str(name)).exists()]
+
+
+def data_weights_source(config: Mapping[str, Any], config_path: Path) -> str | None:
+    """What gives the units weights from the data (a data-weight key of the config, or the message weight field in
+    its local training data), None when nothing does: stock SFT would leave them out of the baseline."""
+    keys = [key for key in DATA_WEIGHT_KEYS if config.get(key)]
+    if keys:
+        return f"{config_path.name} sets {', '.join(keys)}"
+    from datasets import load_dataset
+
+    from ..weights import DEFAULT_MESSAGE_FIELD, features_hold
+    from .train import LOCAL_FORMATS
+
+    for path in local_training_data(config):
+        suffix = Path(path).suffix.lower()
+        data = load_dataset(LOCAL_FORMATS[suffix], data_files=path) if suffix in LOCAL_FORMATS else load_dataset(path)
+        if any(features_hold(split.features, DEFAULT_MESSAGE_FIELD) for split in data.values()):
+            return f"{path} has '{DEFAULT_MESSAGE_FIELD}' fields"
+    return None
+
+
+def with_data_weights(arms: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The arms with plain SFT trained through SFTKey's loss at key = other = 1, so that it weighs the data as the
+    SFTKey arms do and the comparison is of the key weighting alone."""
+    return {name: dict(PLAIN_SFT_WITH_DATA_WEIGHTS) if o == PLAIN_SFT else o for name, o in arms.items()}
 
 
 def overridden_keys(config: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -314,6 +351,9 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict
             "and ab reads each unit's steps and losses from it: save at least at the end (remove the key)"
         )
     arms = resolve_arms(args.arms, args.arms_file, args.stage2_ratio)
+    data_weights = data_weights_source(base, config_path)
+    if data_weights:
+        arms = with_data_weights(arms)
     clashing = overridden_keys(base, arms)
     if clashing:
         raise CLIError(f"{config_path} already sets {', '.join(clashing)}, which the arms set: remove them from it")
@@ -357,6 +397,7 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict
         "eval": str(eval_path),
         "eval_sha256": sha256(eval_path),
         "arms": arms,
+        "data_weights": data_weights,
         "baseline": next(iter(arms)),
         "seeds": seeds,
         "max_steps": steps,
@@ -597,6 +638,9 @@ def run_units(out: Path, plan: Mapping[str, Any], say: Any, jobs: int = 1, threa
 def print_commands(out: Path, plan: Mapping[str, Any]) -> None:
     """The commands that train each unit, for a user who runs them on a cluster."""
     print(f"plan: {out / 'plan.json'} ({len(plan['units'])} units of {plan['max_steps']} optimizer steps)")
+    if plan.get("data_weights"):
+        print(f"weights from the data ({plan['data_weights']}): plain SFT trains through SFTKey's loss at key = other")
+        print("= 1 (sftkey_mode: weighted), so that every arm weighs the data the same way")
     for unit in plan["units"]:
         print(f"  {shlex.join(unit['command'])}")
     print("then the same `sftkey ab` command without --dry-run: it keeps the units trained by these commands,")
