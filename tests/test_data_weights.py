@@ -247,6 +247,24 @@ def test_paths_that_cannot_weigh_refuse_data_weights(tiny_dir, tokenizer, tmp_pa
         stock.train()
 
 
+def test_the_callback_on_packed_rows_warns_or_refuses_data_weights(tiny_dir, tmp_path, caplog):
+    """Packed rows keep only the tokens, so SFTKeyCallback cannot see the messages' weights: it says they are not
+    applied, and refuses a message weight field set by name."""
+    from sftkey_plugin import SFTKeyCallback
+
+    def stock(**arguments):
+        callback = SFTKeyCallback(SFTKeyArguments(sftkey=True, sftkey_mode="weighted", **arguments))
+        return trainer_for(
+            tiny_dir, weighted_records(), tmp_path, trl.SFTTrainer, callbacks=[callback], packing=True, **PER_TOKEN
+        )
+
+    with pytest.raises(ValueError, match="SFTKeyCallback cannot weigh tokens by the data"):
+        stock(sftkey_message_weight_field="score").train()
+    with caplog.at_level(logging.WARNING, logger="sftkey_plugin"):
+        stock().train()
+    assert any("SFTKeyCallback does not apply data weights" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("turns", ["all", "last"])
 def test_each_assistant_message_weighs_its_own_tokens(tiny_dir, tmp_path, turns):
     """Two assistant turns weighted 0.5 and 3.0 (assistant_only_loss): each turn's trained tokens (its end of turn

@@ -20,7 +20,7 @@ from ..config import SFTKeyArguments, validate_sftkey_arguments
 from ..hf_trainer import SFTKeyLossMixin
 from ..stats import KeyDataStats, check_key_share, marked_rows_stats, missing_keys_error
 from ..tokenize import MarkingOptions, require_fast_tokenizer, trained_segments
-from ..weights import DataWeightOptions, features_hold, message_features
+from ..weights import DEFAULT_MESSAGE_FIELD, DataWeightOptions, features_hold, message_features
 from .trainer import preview_command, reject_unsupported
 
 logger = logging.getLogger("sftkey_plugin")
@@ -46,15 +46,25 @@ def _refuse_unmarkable(trainer: Any, arguments: SFTKeyArguments) -> None:
     """What the marking of already prepared rows cannot reproduce of ``SFTKeyTrainer``: refused with what to use."""
     options = DataWeightOptions.from_arguments(arguments)
     dataset = trainer.train_dataset
+    records = message_features(dataset.features)  # empty when packing or remove_unused_columns took them away
     if (
         options.prompt_weight > 0
         or options.example_field is not None
-        or features_hold(message_features(dataset.features), options.message_field)
+        or features_hold(records, options.message_field)
+        or (not records and options.message_field != DEFAULT_MESSAGE_FIELD)
     ):
         raise ValueError(
             "SFTKeyCallback cannot weigh tokens by the data (sftkey_prompt_weight, sftkey_example_weight_field or "
             f"the messages' {options.message_field!r}): a stock SFTTrainer's prepared rows no longer tell the "
             f"prompt and each message apart: {USE_SFTKEY_TRAINER}."
+        )
+    if not records:
+        logger.warning(
+            "SFTKey: SFTKeyCallback does not apply data weights, and the prepared training rows no longer hold the "
+            "messages, so it cannot check them: any message %r field is not read (every token weighs 1). To weigh "
+            "tokens by the data, %s.",
+            options.message_field,
+            USE_SFTKEY_TRAINER,
         )
     if arguments.sftkey_on_missing == "drop":
         raise ValueError(
