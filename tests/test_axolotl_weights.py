@@ -170,6 +170,20 @@ def test_tokens_apart_from_the_render_pair_the_answers_axolotl_trains(axolotl_en
     assert marked["sftkey_finder"] not in ("", "not_located") and 1 in marked["sftkey_mask"]
 
 
+def test_weighed_messages_that_cannot_be_paired_with_the_turns_stop_the_run(axolotl_env, workdir, weighted_data):
+    """Turns that do not pair up with the record's messages (a count off by more than the one system turn Axolotl
+    adds or drops) cannot take the messages' weights: an error naming the record, not a silent weight 1."""
+    _, _, strategy = _strategy(axolotl_env, _data_config(workdir, weighted_data))
+    record = weighted_records()[0]
+    turns = strategy.get_conversation_thread(record)[2:]
+    with pytest.raises(ValueError, match="cannot be paired") as error:
+        strategy._with_unread_fields(record, turns)
+    assert record["messages"][-1]["content"].split("\n")[-1] in str(error.value)  # the record is shown
+    for message in record["messages"]:  # no message weight: nothing is lost
+        message.pop("weight", None)
+    assert strategy._with_unread_fields(record, turns) == turns
+
+
 def _record_with(change) -> dict:
     record = copy.deepcopy(weighted_records()[3])
     change(record)

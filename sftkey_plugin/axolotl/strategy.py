@@ -161,9 +161,15 @@ class SFTKeyChatTemplateStrategy(ChatTemplateStrategy):
         messages = self._get_messages(prompt)
         # +1: Axolotl put a system turn from field_system first; -1: drop_system_message dropped the first message
         offset = len(turns) - len(messages)
-        if offset not in (-1, 0, 1):
-            return turns
         weight_field = self.weights.message_field if self.weights is not None else None
+        if offset not in (-1, 0, 1):
+            if weight_field is not None and any(message.get(weight_field) is not None for message in messages):
+                raise ValueError(
+                    f"SFTKey: Axolotl made {len(turns)} turns of the {len(messages)} messages of the example whose "
+                    f"last assistant message is {self._last_assistant(prompt)[-200:]!r}, so the messages' weights "
+                    f"('{weight_field}') cannot be paired with the turns. Remove the weights from its messages."
+                )
+            return turns
         restored = list(turns)
         for index in range(max(0, -offset), len(messages)):
             message, turn = messages[index], restored[index + offset]
