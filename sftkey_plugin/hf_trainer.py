@@ -204,7 +204,10 @@ class SFTKeyLossMixin:
             return count([_without_prompt(b) for b in batch_samples], device)
         point = self.sftkey_point
         data_weights = SFTKEY_WEIGHT in batch_samples[0]
-        trained = [{**b, "labels": self._sftkey_loss_labels(b["labels"], b, point)} for b in batch_samples]
+        weights = [_token_weights(b, point) for b in batch_samples]
+        trained = [
+            {**b, "labels": self._sftkey_loss_labels(b["labels"], b, point, w)} for b, w in zip(batch_samples, weights)
+        ]
         if self.sftkey_arguments.sftkey_normalize == "weights" and (weighs(*point.weights) or data_weights):
             # transformers' own condition for counting at all: otherwise the loss is a mean per micro-batch
             if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
@@ -212,19 +215,21 @@ class SFTKeyLossMixin:
                     "sftkey_normalize='weights' needs a loss normalised per optimizer step (num_items_in_batch), "
                     "which this model's loss does not take: use sftkey_normalize='tokens'."
                 )
-            return self._sftkey_weight_sum(trained, device, point)
+            return self._sftkey_weight_sum(trained, device, point, weights)
         num_items = count(trained, device)
         if point.key_weight and point.other_weight and not data_weights:
             return num_items
         return num_items.clamp(min=1) if torch.is_tensor(num_items) else num_items
 
-    def _sftkey_weight_sum(self, batch_samples: list, device: torch.device, point: PhasePoint) -> torch.Tensor:
+    def _sftkey_weight_sum(
+        self, batch_samples: list, device: torch.device, point: PhasePoint, token_weights: list[torch.Tensor | None]
+    ) -> torch.Tensor:
         """Sum of the token weights of an optimizer step, at least 1 (all micro-batches; all processes when the
-        trainer averages tokens across them, as it does the count)."""
+        trainer averages tokens across them, as it does the count). ``token_weights``: each micro-batch's
+        ``_token_weights``."""
         sums = []
-        for b in batch_samples:
+        for b, weights in zip(batch_samples, token_weights):
             trained = b["labels"][..., 1:] != IGNORE_INDEX
-            weights = _token_weights(b, point)
             if weights is None:
                 sums.append(weight_sum(shifted(b[SFTKEY_MASK]), trained, *point.weights).to(device))
             else:
@@ -250,7 +255,10 @@ class SFTKeyLossMixin:
         weights = _token_weights(columns, point)
         # the prompt tokens the prompt weight trains are no completion tokens
         completion_labels = _without_prompt({**columns, "labels": inputs["labels"]})["labels"]
-        inputs["labels"] = self._sftkey_loss_labels(inputs["labels"], columns, point) if training else completion_labels
+        if training:
+            inputs["labels"] = self._sftkey_loss_labels(inputs["labels"], columns, point, weights)
+        else:
+            inputs["labels"] = completion_labels
         labels = inputs["labels"]  # the trainer pops it from inputs when a compute_loss_func (Axolotl's use_dft) is set
         self._sftkey_capturing = True
         try:
@@ -273,10 +281,11 @@ class SFTKeyLossMixin:
         self._sftkey_record(values, labels, completion_labels, key_mask, point, metric_weights)
         return (loss, result[1]) if return_outputs else loss
 
-    def _sftkey_loss_labels(self, labels: torch.Tensor, columns: dict[str, Any], point: PhasePoint) -> torch.Tensor:
+    def _sftkey_loss_labels(
+        self, labels: torch.Tensor, columns: dict[str, Any], point: PhasePoint, weights: torch.Tensor | None
+    ) -> torch.Tensor:
         """The labels of a training micro-batch with every token of weight 0 set to ``-100``, so that it leaves the
-        loss and the step's token count."""
-        weights = _token_weights(columns, point)
+        loss and the step's token count. ``weights``: the micro-batch's ``_token_weights``."""
         if weights is None:
             return mask_zero_weight_labels(labels, columns[SFTKEY_MASK], *point.weights)
         return labels.masked_fill(weights.to(labels.device) == 0, IGNORE_INDEX)
