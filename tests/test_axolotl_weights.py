@@ -318,9 +318,18 @@ def test_fused_loss_is_refused_with_data_weights(axolotl_env, workdir, weighted_
     config.update(liger_fused_linear_cross_entropy=True, sftkey_mode="two_stage")  # a mode the fused loss keeps
     for name in ("sftkey_key_weight", "sftkey_other_weight"):
         del config[name]
-    for settings in ({"sftkey_prompt_weight": 1.0, "sftkey_example_weight_field": None}, {"sftkey_prompt_weight": 0}):
-        with pytest.raises(Exception, match="liger_fused_linear_cross_entropy: true and sftkey_"):
+    for settings, setting in [
+        ({"sftkey_prompt_weight": 1.0, "sftkey_example_weight_field": None}, "sftkey_prompt_weight: 1.0"),
+        ({"sftkey_prompt_weight": 0.5, "sftkey_example_weight_field": None}, "sftkey_prompt_weight: 0.5"),
+        ({"sftkey_prompt_weight": 0}, "sftkey_example_weight_field: score"),
+    ]:
+        with pytest.raises(Exception, match=f"liger_fused_linear_cross_entropy: true and {setting}"):
             axolotl_env({**config, **settings})
+    # the mode's weights: the advice keeps no prompt weight (any prompt weight above 0 is refused above)
+    mode = {"sftkey_prompt_weight": 0, "sftkey_example_weight_field": None, "sftkey_mode": "weighted"}
+    with pytest.raises(Exception, match="true in sftkey_mode: weighted") as error:
+        axolotl_env({**config, **mode, "sftkey_key_weight": 3.0})
+    assert "sftkey_prompt_weight" not in str(error.value)
     only_messages = {k: v for k, v in config.items() if k not in DATA_WEIGHTS}
     with pytest.raises(ValueError, match="liger_fused_linear_cross_entropy: true returns only a total"):
         _prepared(axolotl_env, workdir, only_messages, weighted_records())

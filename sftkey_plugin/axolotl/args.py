@@ -158,14 +158,7 @@ class _SFTKeyValidators(BaseModel):
             validate_sftkey_arguments(arguments)
         except ValueError as error:
             raise ValueError(f"SFTKey: {error}") from error
-        fused = fused_loss(self)
-        if weighs_tokens(arguments) and fused:
-            _refuse(
-                f"{fused}: true in sftkey_mode: {arguments.sftkey_mode} with token weights other than 0 and 1",
-                "a fused loss returns no per-token losses to weight",
-                f"Set {fused}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only (and an "
-                "sftkey_prompt_weight of 0 or 1), which keep the fused loss.",
-            )
+        _check_fused_loss(self, arguments)
         _check_data_weights(self, arguments)
         if getattr(self, "liger_use_token_scaling", None):
             _refuse(
@@ -179,6 +172,32 @@ class _SFTKeyValidators(BaseModel):
 DATA_WEIGHT_FIELDS = ("sftkey_message_weight_field", "sftkey_example_weight_field")
 
 
+def _check_fused_loss(cfg: Any, arguments: SFTKeyArguments) -> None:
+    """A fused loss returns no per-token losses: refused with the keys that need them, data weights (any prompt
+    weight above 0, or a weight field set by name) or mode weights other than 0 and 1. Message weights found in the
+    data under the default field are refused before the first step (``trainer.mark_count_and_apply_policy``)."""
+    fused = fused_loss(cfg)
+    if not fused:
+        return
+    why = "a fused loss returns no per-token losses to weigh"
+    fields = [name for name in DATA_WEIGHT_FIELDS if getattr(cfg, name, None) is not None]
+    if fields or arguments.sftkey_prompt_weight > 0:
+        key = fields[0] if fields else "sftkey_prompt_weight"
+        _refuse(
+            f"{fused}: true and {key}: {getattr(arguments, key)}",
+            f"data weights need per-token losses, and {why}",
+            f"Set {fused}: false (or drop its plugin), or "
+            + (f"unset {key}." if fields else "set sftkey_prompt_weight: 0."),
+        )
+    if weighs_tokens(arguments):
+        _refuse(
+            f"{fused}: true in sftkey_mode: {arguments.sftkey_mode} with token weights other than 0 and 1",
+            why,
+            f"Set {fused}: false (or drop its plugin), or use sftkey_mode: two_stage / key_only, which keep the "
+            "fused loss.",
+        )
+
+
 def _check_data_weights(cfg: Any, arguments: SFTKeyArguments) -> None:
     """The data-weight keys against Axolotl's settings: a prompt weight needs prompt tokens left out of the labels,
     and message / example weights need the records, which only the SFTKey chat_template strategy reads."""
@@ -189,14 +208,6 @@ def _check_data_weights(cfg: Any, arguments: SFTKeyArguments) -> None:
             "Set train_on_inputs: false to train the inputs at sftkey_prompt_weight, or sftkey_prompt_weight: 0.",
         )
     fields = [name for name in DATA_WEIGHT_FIELDS if getattr(cfg, name, None) is not None]
-    fused = fused_loss(cfg)
-    if fused and (fields or arguments.sftkey_prompt_weight > 0):
-        setting = fields[0] if fields else f"sftkey_prompt_weight: {arguments.sftkey_prompt_weight}"
-        _refuse(
-            f"{fused}: true and {setting}",
-            "data weights need per-token losses, which a fused loss does not return",
-            f"Set {fused}: false (or drop its plugin), or unset {setting.split(':')[0]}.",
-        )
     others = [d for d in getattr(cfg, "datasets", None) or [] if _dataset_type(d) != STRATEGY_TYPE]
     if fields and others:
         _refuse(

@@ -105,15 +105,15 @@ def mark_count_and_apply_policy(
     stats, scan = dataset_stats(dataset, name, options)
     if name == "train":
         check_weight_fields(scan, name)
-    if scan.active:
-        fused = fused_loss(cfg)
-        if fused:
-            raise ValueError(
-                f"SFTKey: the {name} data carries weights (message weights in '{options.message_field}'), which "
-                f"need per-token losses, and {fused}: true returns only a total. Set {fused}: false (or drop its "
-                "plugin), or remove the weights from the data."
-            )
-    elif SFTKEY_WEIGHT in dataset.column_names:  # data weights off: the rows are those of a run without them
+    fused = fused_loss(cfg)
+    if scan.message_weights and fused:  # the keys that need per-token losses are refused by the config
+        raise ValueError(
+            f"SFTKey: {scan.message_weights} messages of the {name} data carry a weight ('{options.message_field}'), "
+            f"which needs per-token losses, and {fused}: true returns only a total. Set {fused}: false (or drop its "
+            f"plugin), or remove the '{options.message_field}' field from the messages."
+        )
+    if not scan.active and SFTKEY_WEIGHT in dataset.column_names:
+        # data weights off: the rows are those of a run without them
         dataset = dataset.remove_columns([SFTKEY_WEIGHT, SFTKEY_PROMPT])
     if stats.missing and arguments.sftkey_on_missing == "error":
         raise missing_keys_error(stats)
