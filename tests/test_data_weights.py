@@ -403,3 +403,28 @@ def test_message_weights_with_an_unplaced_tool_call_in_the_completion_are_refuse
         tokenize_with_key_mask(
             record, tokenizer, MarkingOptions(), chat_template=TOOL_GENERATION, weights=DataWeightOptions()
         )
+
+
+def test_weights_on_some_messages_of_a_json_file_are_read(tiny_dir, tmp_path):
+    """A JSON file in which only some messages carry a weight loads with free-form JSON features (the field is not
+    declared, since other messages lack it): its records are read for weights, not taken to have none."""
+    import json
+
+    from datasets import load_dataset
+    from test_trl import config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftkey_plugin import SFTKeyTrainer
+
+    records = arithmetic_records(4, seed=2, form="prompt_completion")
+    records[1]["completion"][0]["weight"] = 2.0
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    trainer = SFTKeyTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+        args=config(tmp_path / "out", sftkey=True, sftkey_mode="weighted", max_steps=1, **PER_TOKEN),
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(tiny_dir),
+    )
+    assert [set(row) - {0.0} for row in trainer.train_dataset["sftkey_weight"]] == [{1.0}, {2.0}, {1.0}, {1.0}]
