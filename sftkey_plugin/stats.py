@@ -174,20 +174,18 @@ def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataSt
     """Counts of rows that hold ``labels`` and ``sftkey_mask`` (only trained key tokens), with the ``TurnsMarked``
     columns ``sftkey_finder``, ``sftkey_turns`` and ``sftkey_turns_found`` where the rows were marked here (a row
     whose mask came with the data counts as one turn, found by ``pretokenized``); with data weights
-    (``sftkey_weight``, ``sftkey_prompt`` and a per-row ``sftkey_weighted``: the record had a weight), their counts,
-    the prompt tokens left out of the trained tokens."""
+    (``sftkey_weight``, ``sftkey_prompt``) the weights of the trained tokens, the prompt tokens left out of the
+    trained tokens (the caller sets ``weighted_records``, the records with a weight, when data weights are on)."""
     statuses: list[str] = []
     finders: list[str] = []
     keys: list[int] = []
     trained: list[int] = []
     turns: list[tuple[int, int]] = []
     weights: list[tuple[float, int, int]] = []  # per row with data weights: weight sum, trained tokens, at weight 0
-    weighted_records = 0
     for row in rows:
         if "sftkey_weight" in row:
             scored = [w for w, label in zip(row["sftkey_weight"], row["labels"]) if label != IGNORE_INDEX]
             weights.append((sum(scored), len(scored), scored.count(0.0)))
-            weighted_records += bool(row.get("sftkey_weighted", 0))
         mask, finder = row["sftkey_mask"], row.get("sftkey_finder", "pretokenized")
         n_key = int(sum(mask))
         statuses.append(key_status(finder, mask, slice(None)))
@@ -198,7 +196,6 @@ def marked_rows_stats(name: str, rows: Iterable[Mapping[str, Any]]) -> KeyDataSt
         turns.append((row.get("sftkey_turns", 1), row.get("sftkey_turns_found", int(n_key > 0))))
     stats = KeyDataStats.from_columns(name, statuses, finders, keys, trained, turns)
     if weights:
-        stats.weighted_records = weighted_records
         stats.count_weights(*zip(*weights))
     return stats
 

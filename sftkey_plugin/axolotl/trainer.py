@@ -35,7 +35,6 @@ from .strategy import EXAMPLE_WEIGHTED, MESSAGE_WEIGHTS
 logger = logging.getLogger("sftkey_plugin")
 
 WEIGHT_COLUMNS = (SFTKEY_WEIGHT, SFTKEY_PROMPT, MESSAGE_WEIGHTS, EXAMPLE_WEIGHTED)
-WEIGHTED = "sftkey_weighted"  # what marked_rows_stats reads of a row: the record had a message or example weight
 
 
 def dataset_stats(dataset: Any, name: str, options: DataWeightOptions) -> tuple[KeyDataStats, DataWeightScan]:
@@ -44,21 +43,19 @@ def dataset_stats(dataset: Any, name: str, options: DataWeightOptions) -> tuple[
     columns = [c for c in ("labels", *TURN_COLUMNS, *WEIGHT_COLUMNS) if c in dataset.column_names]
     batches = dataset.select_columns(columns).iter(batch_size=1000)
     scan = DataWeightScan(options)
-    weighted = SFTKEY_WEIGHT in columns
+    counted = MESSAGE_WEIGHTS in columns
 
     def rows() -> Iterator[dict[str, Any]]:
         for row in (dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())):
             scan.records += 1
-            if weighted:
-                row[WEIGHTED] = int(row[MESSAGE_WEIGHTS] > 0 or row[EXAMPLE_WEIGHTED] > 0)
-                scan.weighted_records += row[WEIGHTED]
+            if counted:
+                scan.weighted_records += row[MESSAGE_WEIGHTS] > 0 or row[EXAMPLE_WEIGHTED] > 0
                 scan.message_weights += row[MESSAGE_WEIGHTS]
                 scan.example_weights += row[EXAMPLE_WEIGHTED]
             yield row
 
     stats = marked_rows_stats(name, rows())
-    if not scan.active:
-        stats.weighted_records = None  # data weights off: the summary says nothing of them
+    stats.weighted_records = scan.weighted_records if scan.active else None  # off: the summary says nothing of them
     return stats, scan
 
 
